@@ -1,0 +1,173 @@
+"""The one module that talks to orbax.
+
+orbax's API churns between releases; everything else in msfp_jax saves and restores through the few
+functions here, so an orbax upgrade touches one file.
+
+Two uses:
+  * one-shot pytrees (a converted model, a calibration state): `save_tree` / `load_tree`;
+  * step checkpoints of a long job (fine-tuning, training the default model): `CheckpointManager`, which
+    stores the array state and the run's config (JSON) as named items of one step, so a resumed run can
+    check it was started with the same config.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(ValueError):
+  """A checkpoint is missing, unreadable, or does not match what the caller expects."""
+
+
+def _abs(path: str | os.PathLike) -> pathlib.Path:
+  # orbax requires absolute paths.
+  return pathlib.Path(path).expanduser().resolve()
+
+
+def _to_numpy(tree: Any) -> Any:
+  return jax.tree.map(np.asarray, tree)
+
+
+def save_tree(directory: str | os.PathLike, tree: Any) -> None:
+  """Saves a pytree of arrays to `directory` (overwritten if it exists)."""
+  directory = _abs(directory)
+  directory.parent.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(directory, tree, force=True)
+    checkpointer.wait_until_finished()
+
+
+def _check_against_target(restored: Any, target: Any, directory: pathlib.Path) -> None:
+  restored_paths = {jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(restored)}
+  target_paths = {jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(target)}
+  missing = sorted(set(target_paths) - set(restored_paths))
+  unexpected = sorted(set(restored_paths) - set(target_paths))
+  misshaped = sorted(
+      f"{k}: saved {np.shape(restored_paths[k])}, expected {np.shape(target_paths[k])}"
+      for k in set(target_paths) & set(restored_paths)
+      if np.shape(restored_paths[k]) != np.shape(target_paths[k]))
+  if missing or unexpected or misshaped:
+    raise CheckpointError(
+        f"Checkpoint {directory} does not match the expected structure. "
+        f"Missing: {missing or 'none'}; unexpected: {unexpected or 'none'}; mis-shaped: {misshaped or 'none'}. "
+        "Was it written for another model or config?")
+
+
+def load_tree(directory: str | os.PathLike, target: Any = None) -> Any:
+  """Loads a pytree saved by `save_tree` as numpy arrays.
+
+  With `target` (a pytree of arrays or ShapeDtypeStructs), the saved tree must have exactly the same
+  paths and shapes; a mismatch raises CheckpointError naming the differing leaves.
+  """
+  directory = _abs(directory)
+  if not directory.exists():
+    raise CheckpointError(f"No checkpoint at {directory}.")
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      restored = checkpointer.restore(directory)
+  except Exception as e:  # orbax raises many types; the caller needs one.
+    raise CheckpointError(f"Could not read the checkpoint at {directory}: {e}") from e
+  restored = _to_numpy(restored)
+  if target is not None:
+    _check_against_target(restored, target, directory)
+    restored = jax.tree.map(lambda r, t: np.asarray(r, dtype=getattr(t, "dtype", None) or r.dtype), restored,
+                            target)
+  return restored
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> None:
+  """Writes JSON atomically (write to a temporary file, then rename)."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+  os.replace(tmp, path)
+
+
+def load_json(path: str | os.PathLike) -> Any:
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise CheckpointError(f"Expected a JSON file at {path}; it does not exist.")
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+def _json_default(obj: Any) -> Any:
+  if isinstance(obj, (np.integer,)):
+    return int(obj)
+  if isinstance(obj, (np.floating,)):
+    return float(obj)
+  if isinstance(obj, np.ndarray):
+    return obj.tolist()
+  if isinstance(obj, (tuple, set)):
+    return list(obj)
+  raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
+
+
+class CheckpointManager:
+  """Step checkpoints of a long job: an array state plus the run's config as JSON, per step.
+
+  Saves are synchronous by default: a job killed right after `save` returns has that step on disk.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = False):
+    self.directory = _abs(directory)
+    self.directory.mkdir(parents=True, exist_ok=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True,
+                                           enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "config"))
+
+  def save(self, step: int, state: Any, *, config: dict | None = None) -> None:
+    items = {"state": ocp.args.StandardSave(state)}
+    if config is not None:
+      items["config"] = ocp.args.JsonSave(json.loads(json.dumps(config, default=_json_default)))
+    self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def restore(self, step: int | None = None, target: Any = None) -> tuple[Any, dict | None]:
+    """Restores (state, config) of `step` (default: the latest). `target` fixes structure and shapes."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise CheckpointError(f"No checkpoint to restore in {self.directory}.")
+    state_args = ocp.args.StandardRestore(
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) if not isinstance(
+            x, jax.ShapeDtypeStruct) else x, target)) if target is not None else ocp.args.StandardRestore()
+    items = {"state": state_args}
+    has_config = (self.directory / str(step) / "config").exists()
+    if has_config:
+      items["config"] = ocp.args.JsonRestore()
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except Exception as e:
+      raise CheckpointError(
+          f"Could not restore step {step} from {self.directory}: {e}. If the checkpoint was written by a "
+          "different config or model, start a new workdir.") from e
+    state = _to_numpy(restored["state"])
+    if target is not None:
+      _check_against_target(state, target, self.directory / str(step))
+    return state, (restored["config"] if has_config else None)
+
+  def wait_until_finished(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+  def __enter__(self) -> "CheckpointManager":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
