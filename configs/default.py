@@ -1,0 +1,39 @@
+"""The built-in default model (msfp_jax/assets/default_model): W4A4 MSFP + TALoRA (K=4) + DFA.
+
+A small DDPM UNet that ships with the package, so the whole pipeline runs out of the box on a CPU.
+Budgets are sized for a 2-core CPU; the method settings are the paper's defaults (method.md 3, 5-7).
+
+Launch:
+  python -m msfp_jax.main --config=configs/default.py --workdir=runs/default
+  python -m msfp_jax.main --config=configs/default.py --mode=finetune --workdir=W \
+      --config.finetune.num_steps=N --config.finetune.checkpoint_every=M
+Smallest variant (tests, smoke runs): --config=configs/default.py:runlocal
+"""
+from configs import common
+from configs import ddpm_defaults
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, runlocal=False)
+  config = ddpm_defaults.get_config()
+  config.model.path = "builtin"
+  config.sampler.num_steps = 50
+  config.sampler.skip = "uniform"
+  config.calibration.num_samples = 32
+  config.calibration.batch_size = 16
+  config.calibration.num_timesteps = 10
+  config.lora.rank = 8
+  config.finetune.num_steps = 400
+  config.finetune.batch_size = 8
+  config.finetune.lr.lora = 1e-3
+  config.finetune.lr.router = 1e-3
+  config.finetune.lr.weight_scale = 1e-5
+  config.finetune.lr.act_quant = 5e-4
+  config.finetune.log_every = 10
+  config.finetune.checkpoint_every = 100
+  config.evaluation.benchmark = "builtin"
+  config.evaluation.num_samples = 1000
+  config.evaluation.batch_size = 100
+  if args.runlocal:
+    common.apply_runlocal(config)
+  return config
