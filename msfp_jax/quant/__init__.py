@@ -1,0 +1,19 @@
+"""msfp_jax.quant: FP formats, fake quantization, rules, calibration and the Flax quantization interceptor.
+
+    from msfp_jax.quant import QuantConfig, calibrate, quantized_apply
+    qstate = calibrate(model, variables, batches, QuantConfig(weight_bits=4, act_bits=4))
+    y = quantized_apply(model, variables, qstate, *args)       # inside jax.jit
+"""
+from msfp_jax.quant.calibration import (ActivationStatistics, CalibrationStatistics, calibrate,
+                                        collect_statistics, search_activation_quantizer, search_quant_state,
+                                        search_weight_quantizer)
+from msfp_jax.quant.config import (CalibrationError, InvalidQuantConfigError, QuantConfig, QuantizationError,
+                                   QuantStateMismatchError, RuleMatchError)
+from msfp_jax.quant.fake_quant import fake_quant
+from msfp_jax.quant.formats import FPFormat, candidates
+from msfp_jax.quant.interceptor import (KernelUpdate, discover_layers, prequantize_weights, quantization_interceptor,
+                                        quantize_kernel, quantized_apply)
+from msfp_jax.quant.report import (format_report_table, layer_report, plot_activation_histograms, print_report,
+                                   save_report_json, write_report)
+from msfp_jax.quant.rules import LayerInfo, QuantRule
+from msfp_jax.quant.state import LayerQuantState, QuantState, load_quant_state, save_quant_state

@@ -1,0 +1,269 @@
+"""The Flax method interceptors: module discovery, calibration recording and fake quantization.
+
+This is the only file that touches `flax.linen.intercept_methods` (method.md section 4). An interceptor
+sees every module method call; ours act on `__call__` of the layers the rules select (Conv and Dense by
+default, the attention MatMul when a rule names it), keyed by `'/'.join(module.path)`. The model code
+contains no quantization code.
+
+Enter `quantization_interceptor(...)` INSIDE the function you jit (e.g. around `model.apply` in a sampler's
+eps_fn): the interceptor is Python state, not an argument, so it is not part of jit's cache key. Entered
+around a call of an already-compiled function it would silently do nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import zlib
+from typing import Any, Callable, Iterator, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from msfp_jax.quant.config import QuantConfig, QuantStateMismatchError
+from msfp_jax.quant.fake_quant import fake_quant
+from msfp_jax.quant.rules import DEFAULT_MODULE_TYPES, LayerInfo, ModuleRecord, resolve_layers
+from msfp_jax.quant.state import LayerQuantState, QuantState
+
+# kernel_update(path, kernel) -> kernel: called with a layer's float kernel before weight quantization,
+# W_q = Q(kernel_update(path, W)); TALoRA returns W + B_k A_k for the timestep's LoRA bank k.
+KernelUpdate = Callable[[str, jax.Array], jax.Array]
+
+
+def module_path(module: nn.Module) -> str:
+  """The '/'-joined Flax module path, the key of rules and of QuantState.layers."""
+  return "/".join(str(name) for name in module.path)
+
+
+def module_type_names(module: nn.Module) -> tuple[str, ...]:
+  """Class names of the module type's MRO (most derived first), so a subclass of nn.Conv matches "Conv"."""
+  return tuple(cls.__name__ for cls in type(module).__mro__ if cls not in (object, nn.Module))
+
+
+def _module_kernel(module: nn.Module):
+  try:
+    return module.variables.get("params", {}).get("kernel")
+  except Exception:  # pylint: disable=broad-except  (an unbound module or a module without variables)
+    return None
+
+
+def _is_call(context) -> bool:
+  return context.method_name == "__call__"
+
+
+# ----------------------------------------------------------------------------- discovery
+def trace_modules(model: nn.Module, variables, *args, **kwargs) -> dict[str, ModuleRecord]:
+  """Every module `__call__` of `model.apply(variables, *args)`, traced abstractly (jax.eval_shape)."""
+  records: dict[str, ModuleRecord] = {}
+
+  def intercept(next_fun, call_args, call_kwargs, context):
+    if _is_call(context):
+      module = context.module
+      path = module_path(module)
+      if path not in records:
+        kernel = _module_kernel(module)
+        num_inputs = sum(1 for a in call_args if hasattr(a, "shape"))
+        records[path] = ModuleRecord(path=path, type_names=module_type_names(module),
+                                     kernel_shape=None if kernel is None else tuple(kernel.shape),
+                                     num_inputs=num_inputs)
+    return next_fun(*call_args, **call_kwargs)
+
+  def run(variables, *args):
+    with nn.intercept_methods(intercept):
+      return model.apply(variables, *args, **kwargs)
+
+  jax.eval_shape(run, variables, *args)
+  return records
+
+
+def discover_layers(model: nn.Module, variables, *args, config: QuantConfig = QuantConfig(),
+                    **kwargs) -> dict[str, LayerInfo]:
+  """What config.rules select in `model` called on `args`: {path: LayerInfo}, in call order.
+
+  Lists every Conv, Dense and MatMul call (and every module of a type a rule names), quantized or not.
+  Raises RuleMatchError when a rule matches no module (the message lists the module paths).
+  """
+  return resolve_layers(trace_modules(model, variables, *args, **kwargs), config)
+
+
+# ----------------------------------------------------------------------------- calibration recording
+def _activation_summary(x: jax.Array, key: jax.Array, samples_per_batch: int) -> dict[str, jax.Array]:
+  """min/max over the finite values, the count of non-finite values, and a subsample of the values."""
+  flat = jnp.ravel(x).astype(jnp.float32)
+  finite = jnp.isfinite(flat)
+  size = flat.shape[0]
+  if size <= samples_per_batch:
+    samples = flat  # small inputs contribute every value (exact statistics for small calibration sets)
+  else:
+    samples = flat[jax.random.randint(key, (samples_per_batch,), 0, size)]
+  return {
+      "min": jnp.min(jnp.where(finite, flat, jnp.inf)),
+      "max": jnp.max(jnp.where(finite, flat, -jnp.inf)),
+      "nonfinite": jnp.sum(~finite).astype(jnp.int32),
+      "samples": samples,
+  }
+
+
+@contextlib.contextmanager
+def recording_interceptor(layers: Mapping[str, LayerInfo], key: jax.Array, samples_per_batch: int,
+                          sink: dict[str, list]) -> Iterator[None]:
+  """Calibration mode: appends, per call of each quantized layer, a summary of each activation operand.
+
+  `sink[path]` receives one tuple per call with one summary dict per operand (the input of a Conv/Dense,
+  both operands of a MatMul); the summaries are traced values, so the enclosing (jitted) function returns
+  them. Each call draws its subsample with its own key (derived from the path and the call index).
+  """
+  def intercept(next_fun, args, kwargs, context):
+    if _is_call(context):
+      path = module_path(context.module)
+      info = layers.get(path)
+      if info is not None and info.quantized:
+        calls = sink.setdefault(path, [])
+        call_key = jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(path.encode())), len(calls))
+        operands = args[:2] if info.is_matmul else args[:1]
+        calls.append(tuple(_activation_summary(x, jax.random.fold_in(call_key, i), samples_per_batch)
+                           for i, x in enumerate(operands)))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(intercept):
+    yield
+
+
+# ----------------------------------------------------------------------------- quantized mode
+def _zero_point_or_zero(zero_point):
+  # Signed quantizers have no zero point (None); fake_quant's grid is then centred on 0.
+  return 0.0 if zero_point is None else zero_point
+
+
+def quantize_kernel(path: str, kernel: jax.Array, layer: LayerQuantState,
+                    kernel_update: KernelUpdate | None = None) -> jax.Array:
+  """W_q = Q(kernel_update(path, W)), per output channel (the last kernel axis, Flax layout)."""
+  if kernel_update is not None:
+    kernel = kernel_update(path, kernel)
+  if layer.weight_maxval.shape != (kernel.shape[-1],):
+    raise QuantStateMismatchError(
+        f"layer {path!r}: the quantization state has {layer.weight_maxval.shape} weight maxvals but the kernel "
+        f"has shape {tuple(kernel.shape)} (one maxval per output channel, the last axis, is needed); was the "
+        "state calibrated for this model?")
+  return fake_quant(kernel, layer.weight_format, layer.weight_maxval,
+                    _zero_point_or_zero(layer.weight_zero_point))
+
+
+def _quantize_activation(x, fmt, maxval, zero_point):
+  return fake_quant(x, fmt, maxval, _zero_point_or_zero(zero_point))
+
+
+@contextlib.contextmanager
+def quantization_interceptor(qstate: QuantState, *, kernel_update: KernelUpdate | None = None,
+                             weights_prequantized: bool = False) -> Iterator[None]:
+  """Context manager: fake-quantizes the inputs and kernels of the layers in `qstate`.
+
+  Args:
+    qstate: the calibrated (possibly trained) state; its arrays may be traced values.
+    kernel_update: optional `(path, kernel) -> kernel` applied to the float kernel before weight
+      quantization (TALoRA's W + B_k A_k). Not allowed with weights_prequantized (the kernels in the
+      variables are already quantized; pass the update to prequantize_weights instead).
+    weights_prequantized: the variables' kernels went through prequantize_weights, so only the activations
+      are rounded at call time (the fast path for sampling).
+
+  Enter it inside the traced function; see the module docstring.
+  """
+  if weights_prequantized and kernel_update is not None:
+    raise ValueError("kernel_update cannot be applied to prequantized weights: pass it to "
+                     "prequantize_weights(variables, qstate, kernel_update=...) instead")
+  known_fp = frozenset(qstate.unquantized)
+  # Recursion guard: the parameter-free clone called below is itself a Conv/Dense whose __call__ reaches
+  # this interceptor again (with path ''); while it runs, everything passes through.
+  inside_clone = [False]
+
+  def intercept(next_fun, args, kwargs, context):
+    if inside_clone[0] or not _is_call(context):
+      return next_fun(*args, **kwargs)
+    module = context.module
+    path = module_path(module)
+    layer = qstate.layers.get(path)
+    if layer is None:
+      if (path not in known_fp and set(DEFAULT_MODULE_TYPES).intersection(module_type_names(module))
+          and not module.is_initializing()):
+        raise QuantStateMismatchError(
+            f"{module_type_names(module)[0]} layer {path!r} is neither quantized nor listed as kept in full "
+            "precision by this quantization state: the state was calibrated for another model (or other "
+            "rules). Re-run calibrate for this model.")
+      return next_fun(*args, **kwargs)
+    if module.is_initializing():
+      return next_fun(*args, **kwargs)  # model.init under the interceptor: nothing to quantize yet
+    x = _quantize_activation(args[0], layer.act_format, layer.act_maxval, layer.act_zero_point)
+    if layer.is_matmul:
+      b = _quantize_activation(args[1], layer.rhs_act_format, layer.rhs_act_maxval, layer.rhs_act_zero_point)
+      return next_fun(x, b, *args[2:], **kwargs)
+    if weights_prequantized:
+      return next_fun(x, *args[1:], **kwargs)
+    params = dict(module.variables["params"])
+    params["kernel"] = quantize_kernel(path, params["kernel"], layer, kernel_update)
+    # Why a clone: a Flax layer reads its kernel from its scope inside __call__, and the scope's variables
+    # are immutable during apply. Applying a parent-free clone of the same module to {'params': ...} with the
+    # quantized kernel runs the layer's own __call__ code, so padding, strides, dilation, feature groups,
+    # bias, dtype/precision and any subclass behaviour are exactly those of the original layer; no
+    # re-implementation of conv/dense semantics is needed.
+    clone = module.clone(parent=None, name=None)
+    inside_clone[0] = True
+    try:
+      return clone.apply({"params": params}, x, *args[1:], **kwargs)
+    finally:
+      inside_clone[0] = False
+
+  with nn.intercept_methods(intercept):
+    yield
+
+
+def quantized_apply(model: nn.Module, variables, qstate: QuantState, *args,
+                    kernel_update: KernelUpdate | None = None, weights_prequantized: bool = False, **kwargs):
+  """`model.apply(variables, *args, **kwargs)` with the layers of `qstate` fake-quantized.
+
+  Traceable: call it inside jax.jit (the interceptor is entered within the call).
+  """
+  with quantization_interceptor(qstate, kernel_update=kernel_update, weights_prequantized=weights_prequantized):
+    return model.apply(variables, *args, **kwargs)
+
+
+# ----------------------------------------------------------------------------- weights, once
+def params_at(params: Mapping[str, Any], path: str) -> Mapping[str, Any]:
+  """The parameter dict of the module at `path` ('/'-joined) inside a params tree."""
+  node = params
+  for name in path.split("/") if path else ():
+    if not isinstance(node, Mapping) or name not in node:
+      raise QuantStateMismatchError(
+          f"no parameters for layer {path!r} in the variables (missing {name!r}); the quantization state "
+          "does not match these variables")
+    node = node[name]
+  return node
+
+
+def _replace_at(tree: Mapping[str, Any], names: list[str], leaf_name: str, value) -> dict:
+  out = dict(tree)
+  if names:
+    out[names[0]] = _replace_at(tree[names[0]], names[1:], leaf_name, value)
+  else:
+    out[leaf_name] = value
+  return out
+
+
+def prequantize_weights(variables, qstate: QuantState, kernel_update: KernelUpdate | None = None):
+  """Returns `variables` with every quantized layer's kernel replaced by Q(kernel_update(path, W)).
+
+  Use with `weights_prequantized=True` so that weights are rounded once per state instead of on every call.
+  Traceable (jit it, or differentiate through it when training LoRA factors or weight maxvals).
+  """
+  if "params" not in variables:
+    raise QuantStateMismatchError("prequantize_weights needs variables with a 'params' collection")
+  params = variables["params"]
+  for path, layer in qstate.layers.items():
+    if layer.is_matmul:
+      continue
+    layer_params = params_at(params, path)
+    if "kernel" not in layer_params:
+      raise QuantStateMismatchError(f"layer {path!r} has no 'kernel' parameter in the variables")
+    quantized = quantize_kernel(path, layer_params["kernel"], layer, kernel_update)
+    params = _replace_at(params, path.split("/") if path else [], "kernel", quantized)
+  out = dict(variables)
+  out["params"] = params
+  return out
