@@ -1,0 +1,234 @@
+"""Resumable, sharded evaluation: sample N images in rounds, score them with FID / sFID / IS.
+
+Each host samples `batch_size` images per round with `sample_fn(rng, batch_size)`, computes their Inception
+features on its devices (the batch split over the "data" mesh axis) as they come, and writes the round's
+partial statistics to `workdir/eval/<name>/round_<host>_<i>.npz` (atomic rename):
+  count, float64 sum and sum of outer products of the pool3 and sFID features, and the round's IS logits.
+A rerun skips the rounds already written (round i's rng is derived from (seed, i, host) alone, so the result
+equals an uninterrupted run's). Host 0 then combines all hosts' rounds and writes `results.json`: the
+scores together with the protocol (model checkpoint hash, sampler, steps, eta, guidance, seed, N, pipeline,
+Inception weights hash, reference statistics hash), `statistics.npz` (usable as a reference later) and
+`samples.png` (a grid of the first samples).
+
+Disk: a round file holds two float64 2048x2048-sized matrices (about 64 MB); prefer large rounds.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import re
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from msfp_jax.eval import preprocess
+from msfp_jax.eval.features import StatisticsBuilder, check_images, make_feature_fn, raise_if_not_finite
+from msfp_jax.eval.inception_weights import FIDInception
+from msfp_jax.eval.stats import FeatureStatistics, MomentAccumulator, frechet_distance, inception_score
+from msfp_jax.models import inception as inception_lib
+
+REQUIRED_PROTOCOL_KEYS = ("model_checkpoint_sha256", "sampler", "steps", "eta", "guidance", "seed")
+IS_SPLITS = 10
+
+
+class EvalProtocolError(ValueError):
+  """The evaluation request is incomplete or conflicts with rounds already in the workdir."""
+
+
+def _eval_dir(workdir, name: str) -> pathlib.Path:
+  if not re.fullmatch(r"[A-Za-z0-9_.\-]+", name):
+    raise ValueError(f"Evaluation name {name!r} must be a plain file name (letters, digits, _ . -).")
+  return pathlib.Path(workdir) / "eval" / name
+
+
+def _round_path(directory: pathlib.Path, host: int, index: int) -> pathlib.Path:
+  return directory / f"round_{host}_{index}.npz"
+
+
+def _atomic_savez(path: pathlib.Path, **arrays) -> None:
+  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+  with open(tmp, "wb") as f:
+    np.savez(f, **arrays)
+  os.replace(tmp, path)
+
+
+def _atomic_write_text(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def save_image_grid(images: np.ndarray, path: pathlib.Path) -> None:
+  """Saves NHWC images in [-1, 1] (1 or 3 channels) as one PNG grid, row-major, near-square."""
+  from PIL import Image
+
+  images = np.asarray(images, np.float32)
+  n, h, w, c = images.shape
+  cols = math.ceil(math.sqrt(n))
+  rows = math.ceil(n / cols)
+  grid = np.zeros((rows * h, cols * w, c), np.uint8)
+  pixels = np.round((np.clip(np.nan_to_num(images), -1, 1) + 1) * 127.5).astype(np.uint8)
+  for k in range(n):
+    r, q = divmod(k, cols)
+    grid[r * h:(r + 1) * h, q * w:(q + 1) * w] = pixels[k]
+  tmp = path.with_name(path.name + f".tmp{os.getpid()}.png")
+  Image.fromarray(grid[..., 0] if c == 1 else grid).save(tmp)
+  os.replace(tmp, path)
+
+
+def _local_mesh(mesh):
+  if mesh is not None:
+    return mesh
+  from msfp_jax.parallel import data_mesh
+
+  # Each host scores its own samples on its own devices; hosts meet only through the round files.
+  return data_mesh(jax.local_devices())
+
+
+def _check_protocol(protocol: dict) -> None:
+  missing = [k for k in REQUIRED_PROTOCOL_KEYS if k not in protocol]
+  if missing:
+    raise EvalProtocolError(f"The protocol lacks {missing}; every score is stored with "
+                            f"{list(REQUIRED_PROTOCOL_KEYS)} so it can be reproduced.")
+
+
+def _round_arrays(builder: StatisticsBuilder, keep_logits: bool) -> dict[str, np.ndarray]:
+  arrays = {"count": np.asarray(builder.pool3.count),
+            "pool3_sum": builder.pool3.total, "pool3_outer": builder.pool3.outer,
+            "spatial_sum": builder.spatial.total, "spatial_outer": builder.spatial.outer}
+  if keep_logits:
+    arrays["logits"] = np.concatenate(builder.logits) if builder.logits else np.zeros((0, 1008), np.float32)
+  return arrays
+
+
+def evaluate(sample_fn: Callable[[jax.Array, int], Any], num_samples: int, workdir, *, name: str,
+             batch_size: int, inception: FIDInception, reference: FeatureStatistics | None, pipeline: str,
+             protocol: dict, mesh=None, grid_size: int = 64, log: Callable[[str], None] = print) -> dict | None:
+  """Samples `num_samples` images in rounds and scores them; resumable (see the module docstring).
+
+  sample_fn(rng, batch_size) -> images in [-1, 1], NHWC, 1 or 3 channels (grey is replicated to RGB).
+  batch_size: images per host per round (a multiple of the number of local devices; at least 2).
+  reference: statistics of the reference set (None: no FID/sFID, only IS and the statistics).
+  protocol: must hold model_checkpoint_sha256, sampler, steps, eta, guidance, seed (recorded with the scores;
+      seed also seeds the sampling).
+  Returns the results dict on host 0 (None on the other hosts).
+  """
+  preprocess.check_pipeline(pipeline)
+  _check_protocol(protocol)
+  if batch_size < 2:
+    raise ValueError(f"batch_size must be at least 2 images per round (got {batch_size}): a round's covariance "
+                     "contribution needs 2 samples.")
+  if num_samples < 2:
+    raise ValueError(f"num_samples must be at least 2 (got {num_samples}).")
+  directory = _eval_dir(workdir, name)
+  directory.mkdir(parents=True, exist_ok=True)
+  host, num_hosts = jax.process_index(), jax.process_count()
+  per_round = batch_size * num_hosts
+  num_rounds = math.ceil(num_samples / per_round)
+
+  full_protocol = dict(protocol)
+  full_protocol.update(
+      num_samples=int(num_samples), pipeline=pipeline, batch_size_per_host=int(batch_size), num_hosts=num_hosts,
+      inception_weights_sha256=inception.sha256, inception_weights_format=inception.source_format,
+      reference_statistics_sha256=reference.sha256() if reference is not None else None)
+  protocol_json = json.dumps(full_protocol, sort_keys=True, default=str)
+  protocol_path = directory / f"protocol_{host}.json"
+  if protocol_path.exists() and protocol_path.read_text() != protocol_json:
+    raise EvalProtocolError(
+        f"{directory} holds rounds of an evaluation with another protocol ({protocol_path}); use another name "
+        "or delete the folder.")
+  _atomic_write_text(protocol_path, protocol_json)
+
+  mesh = _local_mesh(mesh)
+  num_devices = mesh.devices.size
+  if batch_size % num_devices:
+    raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of devices ({num_devices}).")
+  feature_fn = make_feature_fn(inception, pipeline, input_range="model")
+  base_rng = jax.random.key(int(protocol["seed"]))
+  grid_path = directory / "samples.png"
+
+  for index in range(num_rounds):
+    path = _round_path(directory, host, index)
+    if path.exists():
+      continue  # finished before an interruption
+    offset = index * per_round + host * batch_size
+    keep = int(np.clip(num_samples - offset, 0, batch_size))
+    rng = jax.random.fold_in(jax.random.fold_in(base_rng, index), host)
+    images = sample_fn(rng, batch_size)
+    check_images(images, what="sample_fn's images")
+    if np.shape(images)[0] != batch_size:
+      raise ValueError(f"sample_fn returned {np.shape(images)[0]} images, asked for {batch_size}.")
+    if num_devices > 1:
+      from msfp_jax.parallel import shard_batch
+
+      images = shard_batch(images, mesh)
+    out = feature_fn(images)
+    raise_if_not_finite(out, what=f"samples of round {index}")
+    builder = StatisticsBuilder(keep_logits=inception.has_logits)
+    if keep:
+      builder.add(out, keep=keep)
+    if host == 0 and index == 0 and grid_size and not grid_path.exists():
+      save_image_grid(np.asarray(images)[:min(grid_size, keep or batch_size)], grid_path)
+    _atomic_savez(path, **_round_arrays(builder, inception.has_logits))
+    log(f"eval {name}: host {host} round {index + 1}/{num_rounds} ({keep} samples kept)")
+
+  if num_hosts > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"msfp_jax eval {name} rounds written")
+  if host != 0:
+    return None
+  return _combine(directory, num_hosts, num_rounds, inception, reference, full_protocol)
+
+
+def combine_rounds(directory: pathlib.Path, num_hosts: int, num_rounds: int, with_logits: bool):
+  """Merges all hosts' round files: (pool3 moments, spatial moments, logits in (round, host) order or None)."""
+  pool3 = MomentAccumulator(inception_lib.POOL3_DIM)
+  spatial = MomentAccumulator(inception_lib.SPATIAL_DIM)
+  logits = []
+  for index in range(num_rounds):
+    for host in range(num_hosts):
+      path = _round_path(directory, host, index)
+      if not path.exists():
+        raise EvalProtocolError(f"Round file {path} is missing: host {host} did not finish round {index}.")
+      with np.load(path) as data:
+        count = int(data["count"])
+        pool3.merge(MomentAccumulator(pool3.dim, count, data["pool3_sum"], data["pool3_outer"]))
+        spatial.merge(MomentAccumulator(spatial.dim, count, data["spatial_sum"], data["spatial_outer"]))
+        if with_logits:
+          logits.append(data["logits"])
+  return pool3, spatial, (np.concatenate(logits) if with_logits else None)
+
+
+def _combine(directory, num_hosts, num_rounds, inception, reference, protocol) -> dict:
+  pool3, spatial, logits = combine_rounds(directory, num_hosts, num_rounds, inception.has_logits)
+  if pool3.count != protocol["num_samples"]:
+    raise EvalProtocolError(f"Rounds hold {pool3.count} samples, expected {protocol['num_samples']}.")
+  mu, sigma = pool3.mean_cov(what="pool3 features")
+  mu_s, sigma_s = spatial.mean_cov(what="sFID spatial features")
+  stats = FeatureStatistics(mu, sigma, pool3.count, mu_s, sigma_s)
+  stats.save(directory / "statistics.npz")
+  metrics: dict[str, Any] = {"fid": None, "sfid": None, "inception_score": None, "inception_score_std": None}
+  notes = []
+  if reference is not None:
+    metrics["fid"] = frechet_distance(mu, sigma, reference.mu, reference.sigma)
+    if reference.has_spatial:
+      metrics["sfid"] = frechet_distance(mu_s, sigma_s, reference.mu_s, reference.sigma_s)
+    else:
+      notes.append("sFID: the reference statistics have no spatial part (mu_s, sigma_s).")
+  else:
+    notes.append("FID/sFID: no reference statistics given.")
+  if logits is not None and len(logits) >= IS_SPLITS:
+    metrics["inception_score"], metrics["inception_score_std"] = inception_score(logits, IS_SPLITS)
+  elif logits is None:
+    notes.append("IS: needs the fc layer, which only pytorch-fid's pt_inception-2015-12-05-6726825d.pth has "
+                 "(the TorchScript gives pool3 and sFID features only).")
+  else:
+    notes.append(f"IS: needs at least {IS_SPLITS} samples.")
+  results = {"metrics": metrics, "protocol": protocol, "notes": notes,
+             "statistics_sha256": stats.sha256()}
+  _atomic_write_text(directory / "results.json", json.dumps(results, indent=2, sort_keys=True, default=str))
+  return results

@@ -1,0 +1,155 @@
+"""Reference statistics from wherever users keep them.
+
+Sources (`load_or_compute_statistics(source, ...)`):
+  * a folder of images (png, jpg, jpeg, bmp, webp; grey images are replicated to RGB);
+  * an .npz of statistics: pytorch-fid's (mu, sigma) or ADM's reference batches (mu, sigma, mu_s, sigma_s);
+  * an .npz of images: ADM's `arr_0` (uint8 NHWC);
+  * a tensorflow-datasets dataset, "tfds:NAME[:SPLIT]" (read with tfds.data_source, so an array_record
+    dataset prepared in `data_dir`; nothing is downloaded).
+Statistics files are used as they are (they were computed with some pipeline: the caller states which).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import zipfile
+from typing import Iterator
+
+import numpy as np
+
+from msfp_jax.eval.features import statistics_of_uint8_batches
+from msfp_jax.eval.inception_weights import FIDInception
+from msfp_jax.eval.stats import FeatureStatistics
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+class ReferenceError(ValueError):
+  """A reference source that cannot be read or holds neither images nor statistics."""
+
+
+def _read_image(path: pathlib.Path) -> np.ndarray:
+  from PIL import Image
+
+  try:
+    with Image.open(path) as image:
+      if image.mode in ("P", "CMYK", "YCbCr", "I;16", "I", "F", "1"):
+        image = image.convert("RGB")
+      array = np.asarray(image)
+  except Exception as e:
+    raise ReferenceError(f"Cannot read image {path}: {e}") from e
+  if array.ndim == 2:
+    array = array[..., None]
+  if array.dtype != np.uint8:
+    raise ReferenceError(f"Image {path} is {array.dtype}, expected 8-bit.")
+  return array
+
+
+def _image_files(folder: pathlib.Path) -> list[pathlib.Path]:
+  files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+  if not files:
+    raise ReferenceError(f"No images ({', '.join(IMAGE_SUFFIXES)}) in folder {folder}.")
+  return files
+
+
+def _folder_batches(folder: pathlib.Path, batch_size: int) -> Iterator[np.ndarray]:
+  batch: list[np.ndarray] = []
+  for path in _image_files(folder):
+    image = _read_image(path)
+    if batch and batch[0].shape != image.shape:
+      yield np.stack(batch)
+      batch = []
+    batch.append(image)
+    if len(batch) == batch_size:
+      yield np.stack(batch)
+      batch = []
+  if batch:
+    yield np.stack(batch)
+
+
+def _load_npz(path: pathlib.Path):
+  expected = ("Expected pytorch-fid statistics (mu, sigma), ADM reference batches (arr_0 and/or mu, sigma, mu_s, "
+              "sigma_s), or a folder of images.")
+  try:
+    data = np.load(path, allow_pickle=False)
+  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    raise ReferenceError(f"Cannot read {path} as an .npz file ({type(e).__name__}: {e}). {expected}") from e
+  if not isinstance(data, np.lib.npyio.NpzFile):
+    raise ReferenceError(f"{path} is a single array (.npy), not an .npz archive. {expected}")
+  return data
+
+
+def statistics_from_npz(path: str | os.PathLike) -> FeatureStatistics | None:
+  """The statistics stored in an .npz (pytorch-fid or ADM layout), or None if it holds none."""
+  path = pathlib.Path(path)
+  with _load_npz(path) as data:
+    keys = set(data.files)
+    if not {"mu", "sigma"} <= keys:
+      return None
+    mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+    mu_s = np.asarray(data["mu_s"], np.float64) if "mu_s" in keys else None
+    sigma_s = np.asarray(data["sigma_s"], np.float64) if "sigma_s" in keys else None
+    count = int(data["count"]) if "count" in keys else None
+  if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
+    raise ReferenceError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance.")
+  return FeatureStatistics(mu, sigma, count, mu_s, sigma_s)
+
+
+def _npz_image_batches(path: pathlib.Path, batch_size: int) -> Iterator[np.ndarray]:
+  with _load_npz(path) as data:
+    if "arr_0" not in data.files:
+      raise ReferenceError(f"{path} holds neither statistics (mu, sigma) nor images (arr_0); keys: {data.files}.")
+    images = data["arr_0"]
+  if images.dtype != np.uint8 or images.ndim != 4:
+    raise ReferenceError(f"{path}: arr_0 must be uint8 NHWC images (ADM's layout); got {images.dtype} "
+                         f"{images.shape}.")
+  for start in range(0, len(images), batch_size):
+    yield images[start:start + batch_size]
+
+
+def _tfds_batches(spec: str, batch_size: int, data_dir: str | None, image_key: str,
+                  max_examples: int | None) -> Iterator[np.ndarray]:
+  import tensorflow_datasets as tfds
+
+  parts = spec[len("tfds:"):].split(":")
+  name, split = parts[0], parts[1] if len(parts) > 1 else "train"
+  try:
+    source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
+  except Exception as e:
+    raise ReferenceError(f"Cannot open tfds dataset {name!r} split {split!r} in {data_dir or 'the default data_dir'} "
+                         f"({type(e).__name__}: {e}). Prepare it there first (array_record format); "
+                         "nothing is downloaded at evaluation time.") from e
+  total = len(source) if max_examples is None else min(len(source), max_examples)
+  for start in range(0, total, batch_size):
+    records = [source[i] for i in range(start, min(start + batch_size, total))]
+    try:
+      images = np.stack([np.asarray(r[image_key]) for r in records])
+    except KeyError as e:
+      raise ReferenceError(f"tfds dataset {name!r} has no feature {image_key!r}; its keys: "
+                           f"{sorted(records[0])}.") from e
+    yield images
+
+
+def load_or_compute_statistics(source: str | os.PathLike, *, inception: FIDInception | None, pipeline: str,
+                               batch_size: int = 50, data_dir: str | None = None, image_key: str = "image",
+                               max_examples: int | None = None) -> FeatureStatistics:
+  """Statistics of a reference source (see the module docstring). `inception` is needed for images."""
+  source_str = os.fspath(source)
+
+  def compute(batches, what):
+    if inception is None:
+      raise ValueError(f"Computing statistics of {what} needs the Inception network (inception=...).")
+    return statistics_of_uint8_batches(batches, inception, pipeline, batch_size=batch_size, what=what)
+
+  if source_str.startswith("tfds:"):
+    return compute(_tfds_batches(source_str, batch_size, data_dir, image_key, max_examples), source_str)
+  path = pathlib.Path(source_str)
+  if path.is_dir():
+    return compute(_folder_batches(path, batch_size), f"images in {path}")
+  if not path.exists():
+    raise ReferenceError(f"Reference source {path} does not exist (expected a folder of images, an .npz of "
+                         "images or statistics, or tfds:NAME[:SPLIT]).")
+  stats = statistics_from_npz(path)
+  if stats is not None:
+    return stats
+  return compute(_npz_image_batches(path, batch_size), f"images in {path}")
