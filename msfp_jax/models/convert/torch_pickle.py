@@ -29,6 +29,7 @@ import pickle
 import re
 import struct
 import zipfile
+import zlib
 from typing import Any, Callable
 
 import ml_dtypes
@@ -40,6 +41,7 @@ __all__ = [
     "is_torchscript_archive",
     "load_torch_file",
     "load_torchscript_state_dict",
+    "pickled_module_state_dict",
 ]
 
 # The legacy format starts with this number, pickled (torch/serialization.py MAGIC_NUMBER / PROTOCOL_VERSION).
@@ -106,12 +108,18 @@ _TORCH_DTYPES: dict[str, np.dtype] = {
 }
 
 
+# Storages whose tensors are not supported (quantized) still need their element size to walk a legacy file.
+_UNSUPPORTED_STORAGE_ITEMSIZES = {"QInt8Storage": 1, "QUInt8Storage": 1, "QInt32Storage": 4,
+                                  "QUInt4x2Storage": 1, "QUInt2x4Storage": 1}
+
+
 class _StorageType:
   """What `torch.FloatStorage` & co. resolve to: a marker carrying the element dtype (None: unsupported)."""
 
   def __init__(self, name: str, dtype: np.dtype | None):
     self.name = name
     self.dtype = dtype
+    self.itemsize = dtype.itemsize if dtype is not None else _UNSUPPORTED_STORAGE_ITEMSIZES.get(name, 1)
 
   def __repr__(self) -> str:
     return f"<storage type {self.name}>"
@@ -121,8 +129,9 @@ class _Storage:
   """One storage of the file: where its bytes are and how to interpret them. Holds no array itself."""
 
   def __init__(self, key: str, dtype: np.dtype | None, type_name: str,
-               read: Callable[[int, int], np.ndarray] | None, nbytes: int | None):
+               read: Callable[[int, int], np.ndarray] | None, nbytes: int | None, big_endian: bool = False):
     self.key = key
+    self.big_endian = big_endian
     self.dtype = dtype
     self.type_name = type_name
     # read(byte_offset, count_bytes) -> uint8 array; None while the data is not yet known (legacy first pass).
@@ -238,13 +247,9 @@ def _tensor_from_storage(storage, storage_offset, size, stride, dtype=None) -> n
   view = np.lib.stride_tricks.as_strided(flat, shape=size, strides=tuple(s * itemsize for s in stride),
                                          writeable=False)
   array = np.array(view, dtype=dtype, order="C", copy=True)  # own, contiguous memory; detaches from the file
-  if storage_is_big_endian(storage) and itemsize > 1:
-    array = array.byteswap()
+  if storage.big_endian and itemsize > 1:
+    array = array.byteswap()  # numpy swaps complex numbers per component, as torch does
   return array
-
-
-def storage_is_big_endian(storage: _Storage) -> bool:
-  return getattr(storage, "big_endian", False)
 
 
 def _apply_metadata(array, metadata):
@@ -316,6 +321,13 @@ def _reconstructor(cls, base, state):
   return copyreg._reconstructor(cls, base, state)  # pylint: disable=protected-access
 
 
+def _numpy_reconstruct(subtype, shape, dtype):
+  # ndarray subclasses that are not on the allow-list (np.matrix, user classes) come back as plain arrays.
+  if not (isinstance(subtype, type) and issubclass(subtype, np.ndarray)):
+    subtype = np.ndarray
+  return np._core.multiarray._reconstruct(subtype, shape, dtype)  # pylint: disable=protected-access
+
+
 def _defaultdict(default_factory=None, *args):
   # Placeholders are callable, but a default factory never runs here: keep the items, drop the factory.
   return collections.defaultdict(None, *args)
@@ -354,8 +366,8 @@ _SAFE_GLOBALS: dict[tuple[str, str], Any] = {
     # numpy's own pickle support (arrays, scalars, dtypes): constructs data, runs no user code.
     ("numpy", "dtype"): np.dtype,
     ("numpy", "ndarray"): np.ndarray,
-    ("numpy.core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,  # pylint: disable=protected-access
-    ("numpy._core.multiarray", "_reconstruct"): np._core.multiarray._reconstruct,  # pylint: disable=protected-access
+    ("numpy.core.multiarray", "_reconstruct"): _numpy_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _numpy_reconstruct,
     ("numpy.core.multiarray", "scalar"): np._core.multiarray.scalar,  # pylint: disable=protected-access
     ("numpy._core.multiarray", "scalar"): np._core.multiarray.scalar,  # pylint: disable=protected-access
 }
@@ -451,7 +463,7 @@ class _ZipArchive:
       return self._zip.read(self._infos[name])
     except KeyError as error:
       raise TorchFileError(f"{self.path}: the archive has no record {name!r}; the file is incomplete") from error
-    except (zipfile.BadZipFile, EOFError, OSError, zlib_error()) as error:
+    except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as error:
       raise TorchFileError(f"{self.path}: record {name!r} cannot be read ({error}); the file is corrupt") from error
 
   def record_reader(self, name: str) -> tuple[Callable[[int, int], np.ndarray], int]:
@@ -480,18 +492,13 @@ class _ZipArchive:
     return read, size
 
 
-def zlib_error():
-  import zlib  # pylint: disable=import-outside-toplevel
-  return zlib.error
-
-
 def _unpickle(data, storage_for, path: str, what: str):
   try:
     return _RestrictedUnpickler(io.BytesIO(data) if isinstance(data, bytes) else data, storage_for).load()
   except TorchFileError as error:
     raise TorchFileError(f"{path}: {error}") from error
   except (pickle.UnpicklingError, EOFError, ValueError, TypeError, KeyError, IndexError, AttributeError,
-          struct.error, OverflowError, MemoryError) as error:
+          struct.error, OverflowError, MemoryError, RecursionError) as error:
     raise TorchFileError(f"{path}: cannot unpickle {what} ({type(error).__name__}: {error}); the file is "
                          "truncated or corrupt") from error
 
@@ -508,9 +515,7 @@ def _zip_storage_loader(archive: _ZipArchive):
       if not isinstance(storage_type, _StorageType):
         raise TorchFileError(f"storage {key!r} has type {storage_type!r}, not a torch storage type")
       read, nbytes = archive.record_reader(f"{archive.prefix}data/{key}")
-      storage = _Storage(key, storage_type.dtype, storage_type.name, read, nbytes)
-      storage.big_endian = archive.big_endian
-      storages[key] = storage
+      storages[key] = _Storage(key, storage_type.dtype, storage_type.name, read, nbytes, archive.big_endian)
     return storages[key]
 
   return storage_for
@@ -543,6 +548,13 @@ def load_torch_file(path) -> Any:
   `PickledObject` placeholders. Raises `TorchFileError` for a missing, foreign, truncated or corrupt file.
   """
   path = _check_path(path)
+  try:
+    return _load_torch_file(path)
+  except OSError as error:
+    raise TorchFileError(f"{path}: cannot be read ({error})") from error
+
+
+def _load_torch_file(path: str) -> Any:
   with open(path, "rb") as file:
     head = file.read(512)
   if head.startswith(_ZIP_LOCAL_HEADER_SIGNATURE):
@@ -563,7 +575,7 @@ def _load_legacy(path: str) -> Any:
                "or the legacy torch.save format (a pickle of the magic number 0x1950a86a20f9469cfc6c)")
   with open(path, "rb") as file:
     try:
-      magic = pickle.Unpickler(file).load() if file.peek(1)[:1] == b"\x80" else None
+      magic = _RestrictedUnpickler(file, _no_storage).load()
     except Exception:  # pylint: disable=broad-except  (any garbage: not our format)
       magic = None
     if magic != _LEGACY_MAGIC_NUMBER:
@@ -580,6 +592,8 @@ def _load_legacy(path: str) -> Any:
     views: dict[str, tuple[str, int, int]] = {}
 
     def record(pid):
+      if _is_legacy_module_pid(pid):
+        return pid[1]
       key, storage_type, view = _parse_legacy_pid(pid)
       dtypes.setdefault(key, storage_type)
       if view is not None:
@@ -601,7 +615,7 @@ def _load_legacy(path: str) -> Any:
         raise TorchFileError(f"{path}: the data of storage {key!r} is missing; the file is truncated")
       file.seek(position)
       (numel,) = struct.unpack("<q", file.read(8))
-      itemsize = (dtypes[key].dtype or np.dtype(np.uint8)).itemsize
+      itemsize = dtypes[key].itemsize
       if numel < 0 or position + 8 + numel * itemsize > size:
         raise TorchFileError(f"{path}: storage {key!r} ({numel} elements) reaches past the end of the file "
                              f"({size} bytes); the file is truncated")
@@ -616,7 +630,7 @@ def _load_legacy(path: str) -> Any:
           if key in views:
             root_key, offset, numel = views[key]
             root = storage(root_key)
-            itemsize = (root.dtype or np.dtype(np.uint8)).itemsize
+            itemsize = dtypes[root_key].itemsize
             start, nbytes = offset * itemsize, numel * itemsize
             if start + nbytes > root.nbytes:
               raise TorchFileError(f"storage view {key!r} reaches past its storage {root_key!r}")
@@ -632,6 +646,8 @@ def _load_legacy(path: str) -> Any:
         return storages[key]
 
       def load(pid):
+        if _is_legacy_module_pid(pid):
+          return pid[1]
         key, _, view = _parse_legacy_pid(pid)
         return storage(view[0] if view is not None else key)
 
@@ -641,8 +657,41 @@ def _load_legacy(path: str) -> Any:
   return result
 
 
+def pickled_module_state_dict(module) -> collections.OrderedDict:
+  """The `state_dict()` of an nn.Module saved whole (`torch.save(model)`), read back as a `PickledObject`.
+
+  Same names and order as torch's `Module.state_dict()`: per module its parameters, its persistent buffers, then
+  its submodules recursively.
+  """
+  out = collections.OrderedDict()
+  _collect_pickled_module(module, "", out)
+  return out
+
+
+def _collect_pickled_module(module, prefix: str, out: dict) -> None:
+  state = module.state if isinstance(module, PickledObject) else None
+  if not isinstance(state, dict) or not isinstance(state.get("_modules"), dict):
+    raise TorchFileError(f"expected a pickled torch.nn.Module at {prefix or 'the root'}, found {module!r}")
+  non_persistent = state.get("_non_persistent_buffers_set") or set()
+  for name, value in (state.get("_parameters") or {}).items():
+    if value is not None:
+      out[prefix + name] = value
+  for name, value in (state.get("_buffers") or {}).items():
+    if value is not None and name not in non_persistent:
+      out[prefix + name] = value
+  for name, child in state["_modules"].items():
+    if child is not None:
+      _collect_pickled_module(child, f"{prefix}{name}.", out)
+
+
 def _no_storage(pid):
   raise TorchFileError(f"unexpected persistent id {pid!r}")
+
+
+def _is_legacy_module_pid(pid) -> bool:
+  # torch.save(model) in the legacy format refers to each nn.Module class as ("module", class, file, source);
+  # the class is already a placeholder, so the model comes back as an inert PickledObject tree.
+  return isinstance(pid, tuple) and len(pid) == 4 and pid[0] in ("module", b"module")
 
 
 def _parse_legacy_pid(pid):
@@ -650,9 +699,7 @@ def _parse_legacy_pid(pid):
     raise TorchFileError(f"unknown persistent id {pid!r} in the pickle")
   kind = pid[0].decode("ascii") if isinstance(pid[0], bytes) else pid[0]
   if kind != "storage" or len(pid) != 6:
-    # ("module", class, source file, source): containers saved whole (torch.save(model)) are not supported.
-    raise TorchFileError(f"unsupported persistent id of kind {kind!r}: whole nn.Modules saved with "
-                         "torch.save(model) cannot be read without their code; save model.state_dict() instead")
+    raise TorchFileError(f"unknown persistent id {pid!r} in the pickle")
   _, storage_type, root_key, _location, _numel, view_metadata = pid
   if not isinstance(storage_type, _StorageType):
     raise TorchFileError(f"storage {root_key!r} has type {storage_type!r}, not a torch storage type")
@@ -711,6 +758,13 @@ def load_torchscript_state_dict(path) -> dict[str, np.ndarray]:
   in attribute order), then its submodules recursively, in registration order. Values are `np.ndarray`.
   """
   path = _check_path(path)
+  try:
+    return _load_torchscript_state_dict(path)
+  except OSError as error:
+    raise TorchFileError(f"{path}: cannot be read ({error})") from error
+
+
+def _load_torchscript_state_dict(path: str) -> dict[str, np.ndarray]:
   with open(path, "rb") as file:
     if file.read(4) != _ZIP_LOCAL_HEADER_SIGNATURE:
       raise TorchFileError(f"{path} is not a TorchScript archive: expected a zip archive written by "

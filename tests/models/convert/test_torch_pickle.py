@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from msfp_jax.models.convert.torch_pickle import (PickledObject, TorchFileError, is_torchscript_archive,
-                                                  load_torch_file, load_torchscript_state_dict)
+                                                  load_torch_file, load_torchscript_state_dict,
+                                                  pickled_module_state_dict)
 
 # Written out independently of the module under test.
 NUMPY_DTYPE_OF = {
@@ -54,6 +55,10 @@ class Dangerous:
 def _leave_a_mark(path):
   pathlib.Path(path).write_text("executed")
   return "executed"
+
+
+class TaggedArray(np.ndarray):
+  """A user ndarray subclass: comes back as a plain ndarray."""
 
 
 class RecordingDict(dict):
@@ -230,12 +235,17 @@ class _OsSystemCall:
 def test_ddim_runner_list_with_module_prefix_and_optimizer_state(tmp_path, new_format):
   torch.manual_seed(0)
   model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(4, 3, 1))
-  parallel = torch.nn.DataParallel(model)  # keys "module.0.weight", ...
-  optimizer = torch.optim.Adam(parallel.parameters(), lr=2e-4, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
-  parallel(torch.randn(2, 3, 8, 8)).square().mean().backward()
-  optimizer.step()
-  ema_state = {k: v.detach().clone() * 0.999 for k, v in parallel.state_dict().items()}
-  states = [parallel.state_dict(), optimizer.state_dict(), 12, 790000, ema_state]
+  model_state = collections.OrderedDict(("module." + k, v) for k, v in model.state_dict().items())  # DataParallel
+  # Adam's state_dict layout, written out: building a torch.optim optimizer costs seconds of imports.
+  optimizer_state = {
+      "state": {index: {"step": torch.tensor(3.0), "exp_avg": torch.randn_like(v), "exp_avg_sq": torch.rand_like(v)}
+                for index, v in enumerate(model_state.values())},
+      "param_groups": [{"lr": 2e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
+                        "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
+                        "fused": None, "params": list(range(len(model_state)))}],
+  }
+  ema_state = {k: v.detach().clone() * 0.999 for k, v in model_state.items()}
+  states = [model_state, optimizer_state, 12, 790000, ema_state]
   ours = save_and_compare(states, tmp_path / "ckpt.pth", new_format)
   assert list(ours[0]) == ["module.0.weight", "module.0.bias", "module.2.weight", "module.2.bias"]
   assert ours[1]["param_groups"][0]["betas"] == (0.9, 0.999)
@@ -259,6 +269,29 @@ def test_parameters_tensor_subclasses_and_folder_names(tmp_path, new_format):
   assert_same_tensor(load_torch_file(tmp_path / "from_buffer.bin")["buffer"], obj["buffer"], "buffer")
 
 
+@FORMATS
+def test_whole_module_numpy_subclass_and_defaultdict(tmp_path, new_format):
+  torch.manual_seed(0)
+  model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(2, 2, bias=False))
+  model[0].bias = None
+  model[1].register_buffer("scratch", torch.ones(3), persistent=False)
+  obj = {"model": model, "matrix": np.array([[1, 2], [3, 4]]).view(TaggedArray),
+         "counts": collections.defaultdict(list, {"a": [1, 2]})}
+  ours = load_torch_file(_save(obj, tmp_path / "whole_model.pt", new_format))
+  assert ours["model"].qualified_name == "torch.nn.modules.container.Sequential"
+  ours_state = pickled_module_state_dict(ours["model"])
+  reference = model.state_dict()
+  assert list(ours_state) == list(reference) and "scratch" not in "".join(ours_state)
+  for name, value in reference.items():
+    assert_same_tensor(ours_state[name], value, name)
+  # An ndarray subclass outside the allow-list comes back as a plain ndarray; a defaultdict keeps its items.
+  assert type(ours["matrix"]) is np.ndarray and np.array_equal(ours["matrix"], [[1, 2], [3, 4]])
+  assert ours["counts"] == {"a": [1, 2]} and isinstance(ours["counts"], collections.defaultdict)
+  with pytest.raises(TorchFileError, match="expected a pickled torch.nn.Module"):
+    pickled_module_state_dict(ours["counts"])
+
+
+@pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
 def test_big_endian_zip_archive(tmp_path):
   """A zip whose byteorder record says "big": torch byte-swaps on load, and so must we."""
   values = {"f32": torch.randn(3, 4), "i64": torch.arange(-3, 3), "bf16": torch.randn(5).bfloat16(),
