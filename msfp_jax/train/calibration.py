@@ -1,0 +1,95 @@
+"""Data-free calibration stage: the FP model's own DDIM trajectories from noise feed the quantizer search.
+
+Writes workdir/calibration (msfp_jax.quant.save_quant_state) and workdir/calibration_summary.json. The noise
+is a pure function of (config.calibration.seed, batch index), so the stage is reproducible.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from msfp_jax import checkpoint
+from msfp_jax.train import pipeline
+from msfp_jax.train import sharding
+
+CALIBRATION_DIR = "calibration"
+SUMMARY_FILE = "calibration_summary.json"
+
+
+def has_calibration(workdir) -> bool:
+  return (pathlib.Path(workdir) / SUMMARY_FILE).is_file()
+
+
+def load_calibration(workdir):
+  from msfp_jax import quant
+  workdir = pathlib.Path(workdir)
+  if not has_calibration(workdir):
+    raise FileNotFoundError(f"No calibration in {workdir}; run --mode=calibrate first.")
+  return quant.load_quant_state(workdir / CALIBRATION_DIR)
+
+
+def calibration_batches(config, bundle: pipeline.ModelBundle, mesh=None):
+  """Yields (x_t, t[, y]) at `calibration.num_timesteps` visited steps spread over each teacher trajectory."""
+  c = config.calibration
+  schedule = pipeline.schedule_from(config)
+  sampler_config = pipeline.sampler_from(config)
+  teacher = pipeline.TeacherSampler(bundle, schedule, sampler_config, mesh=mesh)
+  num_steps = sampler_config.num_steps
+  picks = np.unique(np.round(np.linspace(0, num_steps - 1, min(int(c.num_timesteps), num_steps))).astype(int))
+  batch = int(c.batch_size)
+  num_batches = -(-int(c.num_samples) // batch)
+  for b in range(num_batches):
+    x_T, labels = pipeline.noise_batch(int(c.seed), pipeline.NOISE_CALIBRATION, b, batch, bundle.sample_shape,
+                                       bundle.num_classes)
+    labels_arr = np.zeros((batch,), np.int32) if labels is None else labels
+    if mesh is not None:
+      x_T = sharding.host_local_to_global(x_T, mesh)
+      labels_arr = sharding.host_local_to_global(labels_arr, mesh)
+    traj = teacher(x_T, labels_arr, jax.random.fold_in(jax.random.key(int(c.seed)), b))
+    for i in picks:
+      x_t = traj.xs[i]
+      t = jnp.full((batch,), traj.ts[i], jnp.int32)
+      yield (x_t, t, labels_arr) if bundle.conditional else (x_t, t)
+
+
+def run_calibration(config, workdir, *, bundle: pipeline.ModelBundle | None = None, mesh=None):
+  """Calibrates the model of `config` from its own trajectories; saves and returns the QuantState."""
+  from msfp_jax import quant
+  workdir = pathlib.Path(workdir)
+  bundle = bundle or pipeline.load_model(config)
+  qconfig = pipeline.quant_config_from(config)
+  logging.info("Calibrating %s at W%dA%d (%s, sign mode %s)", config.model.path, qconfig.weight_bits,
+               qconfig.act_bits, qconfig.kind, qconfig.sign_mode)
+  qstate = quant.calibrate(bundle.model, bundle.variables, calibration_batches(config, bundle, mesh), qconfig)
+  if jax.process_index() == 0:
+    quant.save_quant_state(workdir / CALIBRATION_DIR, qstate)
+    checkpoint.save_json(workdir / SUMMARY_FILE, {
+        "model": str(config.model.path), "quant_config": qconfig.to_dict(),
+        "num_layers": len(qstate.layers), "unquantized": list(qstate.unquantized),
+        "layers": {p: {"act_format": l.act_format.name,
+                       "weight_format": None if l.weight_format is None else l.weight_format.name,
+                       "one_sided": bool(l.one_sided)} for p, l in qstate.layers.items()}})
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices("calibration saved")
+  return qstate
+
+
+def load_or_calibrate(config, workdir, *, bundle=None, mesh=None):
+  """The workdir's calibration, computing it first when missing (a calibration of another quant config is an
+  error, named field by field)."""
+  workdir = pathlib.Path(workdir)
+  if has_calibration(workdir):
+    saved = checkpoint.load_json(workdir / SUMMARY_FILE).get("quant_config", {})
+    now = pipeline.quant_config_from(config).to_dict()
+    now = checkpoint.json.loads(checkpoint.json.dumps(now, default=list))
+    diffs = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    if diffs:
+      raise ValueError(f"{workdir} holds a calibration of a different quantization config (fields {diffs}: "
+                       f"{[(k, saved.get(k), now.get(k)) for k in diffs]}). Use a new --workdir.")
+    return load_calibration(workdir)
+  return run_calibration(config, workdir, bundle=bundle, mesh=mesh)
