@@ -194,7 +194,7 @@ class PickledObject:
 
   def __call__(self, *args, **kwargs) -> PickledObject:
     # A placeholder used as a callable (e.g. the result of a pickled `getattr`) yields another placeholder.
-    return _placeholder_class(self.qualified_name, "()")(*args, **kwargs)
+    return _placeholder_class(self.qualified_name, "__call__")(*args, **kwargs)
 
   def __repr__(self) -> str:
     return f"PickledObject({self.qualified_name})"
