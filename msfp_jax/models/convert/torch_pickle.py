@@ -436,7 +436,9 @@ class _ZipArchive:
       raise TorchFileError(f"{path} is a zip archive but not a PyTorch file: expected one '<folder>/data.pkl' "
                            f"record, found {pickles or 'none'}")
     self.prefix = pickles[0][: -len("data.pkl")]
-    self.big_endian = self.has(self.prefix + "byteorder") and self.read(self.prefix + "byteorder").strip() == b"big"
+    # Absent on files older than torch 1.10, which were written on little-endian machines.
+    byteorder = self.prefix + "byteorder"
+    self.big_endian = self.has(byteorder) and self.read(byteorder).strip() == b"big"
 
   def close(self) -> None:
     self._zip.close()
@@ -464,7 +466,8 @@ class _ZipArchive:
     except KeyError as error:
       raise TorchFileError(f"{self.path}: the archive has no record {name!r}; the file is incomplete") from error
     except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as error:
-      raise TorchFileError(f"{self.path}: record {name!r} cannot be read ({error}); the file is corrupt") from error
+      raise TorchFileError(f"{self.path}: record {name!r} cannot be read ({error}); the file is corrupt") \
+          from error
 
   def record_reader(self, name: str) -> tuple[Callable[[int, int], np.ndarray], int]:
     """(read(byte_offset, count) -> uint8 array, size in bytes) for a record, without reading it all."""

@@ -251,8 +251,9 @@ def test_ddim_runner_list_with_module_prefix_and_optimizer_state(tmp_path, new_f
   model_state = collections.OrderedDict(("module." + k, v) for k, v in model.state_dict().items())  # DataParallel
   # Adam's state_dict layout, written out: building a torch.optim optimizer costs seconds of imports.
   optimizer_state = {
-      "state": {index: {"step": torch.tensor(3.0), "exp_avg": torch.randn_like(v), "exp_avg_sq": torch.rand_like(v)}
-                for index, v in enumerate(model_state.values())},
+      "state": {
+          index: {"step": torch.tensor(3.0), "exp_avg": torch.randn_like(v), "exp_avg_sq": torch.rand_like(v)}
+          for index, v in enumerate(model_state.values())},
       "param_groups": [{"lr": 2e-4, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, "amsgrad": False,
                         "maximize": False, "foreach": None, "capturable": False, "differentiable": False,
                         "fused": None, "params": list(range(len(model_state)))}],
