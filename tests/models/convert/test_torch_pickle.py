@@ -312,6 +312,17 @@ def test_whole_module_numpy_subclass_and_defaultdict(tmp_path, new_format):
     pickled_module_state_dict(ours["counts"])
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_numpy_1_names_in_old_checkpoints(tmp_path):
+  """Files pickled under numpy 1.x name `numpy.core.multiarray`; numpy 2 calls it `numpy._core.multiarray`."""
+  obj = {"best": np.float32(0.125), "steps": np.int64(790000), "table": np.arange(4.0), "w": torch.ones(2)}
+  data = _save(obj, tmp_path / "new_names.pt", False).read_bytes()
+  assert b"numpy._core.multiarray\n" in data  # protocol 2: GLOBAL opcodes are newline-terminated text
+  old_names = tmp_path / "old_names.pt"
+  old_names.write_bytes(data.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+  assert_same(load_torch_file(old_names), torch.load(old_names, weights_only=False))
+
+
 @pytest.mark.filterwarnings("ignore:TypedStorage is deprecated")
 def test_big_endian_zip_archive(tmp_path):
   """A zip whose byteorder record says "big": torch byte-swaps on load, and so must we."""
@@ -371,9 +382,18 @@ class Net(torch.nn.Module):
     self.temperature = torch.nn.Parameter(torch.tensor(1.5, dtype=torch.float64))
     self.half_table = torch.nn.Parameter(torch.randn(2, 2).half(), requires_grad=False)
     self.constant = torch.ones(1)  # a plain tensor attribute: not in the state dict
+    # After jit.save/jit.load torch lists non-persistent buffers too; the reference decides.
+    self.register_buffer("scratch", torch.zeros(5), persistent=False)
+    shared = torch.nn.Linear(5, 5)
+    self.first, self.second = shared, shared  # one module under two names: listed twice
+    self.extras = torch.nn.ModuleList([torch.nn.Linear(5, 5), torch.nn.Identity()])
+    self.by_name = torch.nn.ModuleDict({"zeta": torch.nn.Linear(5, 5), "alpha": torch.nn.Linear(5, 5)})
 
   def forward(self, x):
     y = self.head(self.blocks(self.stem(x - self.mean)))
+    for layer in self.extras:
+      y = layer(y)
+    y = self.first(y) + self.second(y) + self.by_name["zeta"](y) + self.by_name["alpha"](y) + self.scratch
     return y * self.temperature.float() + self.half_table.float().sum() + self.constant
 
 
@@ -394,7 +414,8 @@ def test_torchscript_state_dict_matches_torch_jit(tmp_path, mode):
   reference = torch.jit.load(path).state_dict()
   ours = load_torchscript_state_dict(path)
   assert list(ours) == list(reference)
-  assert "constant" not in ours and list(ours)[:3] == ["temperature", "half_table", "mean"]
+  assert "constant" not in ours and list(ours)[:4] == ["temperature", "half_table", "mean", "scratch"]
+  assert "second.weight" in ours and list(ours)[-2:] == ["by_name.alpha.weight", "by_name.alpha.bias"]
   for name, value in reference.items():
     assert_same_tensor(ours[name], value, name)
   assert is_torchscript_archive(path)
