@@ -50,15 +50,45 @@ def _check_concrete_maxval(maxval) -> None:
         "floor maxval at a small positive number for all-zero channels)")
 
 
+def _scale_rounding(fmt: FPFormat) -> tuple[int, int]:
+  """(half, mask) for rounding a float32 scale to 23 - M significant bits through its bit pattern."""
+  dropped = fmt.mantissa_bits + 1
+  return 1 << (dropped - 1), (0xFFFFFFFF >> dropped) << dropped
+
+
+def grid_scale(maxval: jax.Array, fmt: FPFormat) -> jax.Array:
+  """The grid's scale s (x_hat = s * natural value + z): maxval / natural_max, in float32.
+
+  s is computed as maxval * float32(1 / natural_max) (XLA turns a division by a constant into a
+  multiplication by its reciprocal in some graphs and not in others) and then rounded to nearest at
+  23 - M significant bits, so that s * y_hat is exact in float32 for every natural-grid value y_hat
+  (at most M + 1 significant bits). Then z + s * y_hat rounds once whether or not the compiler fuses it
+  into an FMA (XLA on CPU does in some kernels and not in others), and the export decoder reproduces
+  fake_quant bit for bit. The relative change of the grid is below 2^-(23 - M) (6e-8 for M = 0).
+  """
+  half, mask = _scale_rounding(fmt)
+  scale = jnp.asarray(maxval, jnp.float32) * np.float32(1.0 / fmt.natural_max)
+  bits = jax.lax.bitcast_convert_type(scale, jnp.uint32)
+  return jax.lax.bitcast_convert_type((bits + np.uint32(half)) & np.uint32(mask), jnp.float32)
+
+
+def grid_scale_numpy(maxval, fmt: FPFormat) -> np.ndarray:
+  """numpy twin of ``grid_scale`` (same bits)."""
+  half, mask = _scale_rounding(fmt)
+  scale = np.asarray(maxval, np.float32) * np.float32(1.0 / fmt.natural_max)
+  bits = np.asarray(scale, np.float32).view(np.uint32)
+  return ((bits + np.uint32(half)) & np.uint32(mask)).view(np.float32)
+
+
 def quantize_shifted(x: jax.Array, fmt: FPFormat, maxval: jax.Array, zero_point: jax.Array):
   """The shared forward arithmetic: returns (y_hat, scale) with x_hat = y_hat * scale + zero_point.
 
   y_hat lies exactly on the natural grid (so ``numerics.natural_codes`` can encode it); the export
-  decoder repeats the same float32 operations to reproduce x_hat bit for bit.
+  decoder repeats the same float32 operations to reproduce x_hat bit for bit. The largest output is
+  maxval up to the rounding of the scale (see ``grid_scale``).
   """
-  scale = maxval / np.float32(fmt.natural_max)
-  inverse_scale = np.float32(fmt.natural_max) / maxval
-  y_hat = round_to_natural_grid((x - zero_point) * inverse_scale, fmt)
+  scale = grid_scale(maxval, fmt)
+  y_hat = round_to_natural_grid((x - zero_point) * (np.float32(1.0) / scale), fmt)
   return y_hat, scale
 
 
