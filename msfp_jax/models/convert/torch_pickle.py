@@ -28,6 +28,7 @@ import os
 import pickle
 import re
 import struct
+import types
 import zipfile
 import zlib
 from typing import Any, Callable
@@ -191,6 +192,8 @@ class PickledObject:
 
   def extend(self, values) -> None:
     self.list_items.extend(values)
+
+  __iter__ = None  # __getitem__ alone would make placeholders look like sequences
 
   def __call__(self, *args, **kwargs) -> PickledObject:
     # A placeholder used as a callable (e.g. the result of a pickled `getattr`) yields another placeholder.
@@ -376,6 +379,32 @@ for _name in ("dict", "list", "tuple", "set", "frozenset", "int", "float", "comp
   _SAFE_GLOBALS[("builtins", _name)] = getattr(builtins, _name)
   _SAFE_GLOBALS[("__builtin__", _name)] = getattr(builtins, _name)  # Python 2 pickles
 del _name
+
+
+class _AllowedFunction:
+  """An allow-listed Python function as the pickle sees it: callable, but its attributes cannot be changed.
+
+  A pickle may BUILD on any object it can name; without this wrapper it could rewrite our functions'
+  `__dict__` or defaults and so tamper with later loads.
+  """
+
+  __slots__ = ("_function",)
+
+  def __init__(self, function: Callable):
+    self._function = function
+
+  def __call__(self, *args, **kwargs):
+    return self._function(*args, **kwargs)
+
+  def __setstate__(self, state):
+    raise TorchFileError(f"the pickle tries to modify {self._function.__name__}; the file is corrupt or hostile")
+
+  def __repr__(self) -> str:
+    return f"<allowed {self._function.__name__}>"
+
+
+_SAFE_GLOBALS = {key: _AllowedFunction(value) if isinstance(value, types.FunctionType) else value
+                 for key, value in _SAFE_GLOBALS.items()}
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

@@ -235,6 +235,17 @@ def test_pickled_code_is_never_executed(tmp_path, new_format):
   assert marker.exists()
 
 
+def test_a_pickle_cannot_tamper_with_the_allowed_functions(tmp_path):
+  # GLOBAL torch._utils._rebuild_tensor_v2; {"__defaults__": 1}; BUILD: an attempt to rewrite the rebuild function.
+  hostile = (b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n}X\x0c\x00\x00\x00__defaults__K\x01sb.")
+  path = tmp_path / "hostile.pt"
+  with zipfile.ZipFile(path, "w") as archive:
+    archive.writestr("hostile/data.pkl", hostile)
+  with pytest.raises(TorchFileError, match="tries to modify _rebuild_tensor_v2"):
+    load_torch_file(path)
+  assert_same_tensor(load_torch_file(_save({"x": torch.ones(2)}, tmp_path / "ok.pt", True))["x"], torch.ones(2), "x")
+
+
 class _OsSystemCall:
 
   def __init__(self, command):
