@@ -1,7 +1,7 @@
 """Inception features of image batches on device: pipeline + network in one jitted function."""
 from __future__ import annotations
 
-import dataclasses
+import functools
 from typing import Callable, Iterable
 
 import jax
@@ -18,9 +18,22 @@ class NonFiniteImagesError(ValueError):
   """Images given to the FID network contain NaN or infinity (a diverged or badly quantized model?)."""
 
 
-def make_feature_fn(inception: FIDInception, pipeline: str, *, input_range: str = "model",
-                    out_shardings=None, in_shardings=None) -> Callable:
-  """A jitted fn(images NHWC) -> {"pool3", "spatial", ["logits"], "finite"}.
+@functools.partial(jax.jit, static_argnames=("model", "pipeline", "input_range"))
+def _features(variables, images, *, model, pipeline: str, input_range: str):
+  # Module-level jit with the (hashable) Flax module static: every caller with the same network, pipeline and
+  # image shape shares one compilation.
+  finite = jnp.all(jnp.isfinite(images))
+  if input_range == "model":
+    x = preprocess.from_model_range(images, pipeline)
+  else:
+    x = preprocess.from_uint8(images, pipeline)
+  out = dict(model.apply(variables, preprocess.to_network_input(x, pipeline)))
+  out["finite"] = finite
+  return out
+
+
+def make_feature_fn(inception: FIDInception, pipeline: str, *, input_range: str = "model") -> Callable:
+  """fn(images NHWC) -> {"pool3", "spatial", ["logits"], "finite"}, jitted; sharded inputs stay sharded.
 
   input_range: "model" for images in [-1, 1] (a sampler's output), "uint8" for 0..255 values (files).
   "finite" is a scalar bool: whether every input value was finite (checked on the host by the callers).
@@ -28,19 +41,8 @@ def make_feature_fn(inception: FIDInception, pipeline: str, *, input_range: str 
   preprocess.check_pipeline(pipeline)
   if input_range not in ("model", "uint8"):
     raise ValueError(f"input_range must be 'model' or 'uint8', got {input_range!r}")
-
-  def features(variables, images):
-    finite = jnp.all(jnp.isfinite(images))
-    if input_range == "model":
-      x = preprocess.from_model_range(images, pipeline)
-    else:
-      x = preprocess.from_uint8(images, pipeline)
-    out = dict(inception.model.apply(variables, preprocess.to_network_input(x, pipeline)))
-    out["finite"] = finite
-    return out
-
-  jitted = jax.jit(features, in_shardings=in_shardings, out_shardings=out_shardings)
-  return lambda images: jitted(inception.variables, images)
+  return functools.partial(_features, inception.variables, model=inception.model, pipeline=pipeline,
+                           input_range=input_range)
 
 
 def check_images(images, *, what: str = "images") -> None:
