@@ -4,7 +4,8 @@
   x_hat = z + Q(clip(u, lo, maxval)),      lo = -maxval (signed) or 0 (unsigned)
 
 Q rounds onto the format's grid whose largest value is maxval: Q(v; maxval) = s * Q_nat(v / s) with
-s = maxval / natural_max (the real-valued bias follows maxval, so the grid scales with it).
+s = maxval / natural_max (the real-valued bias follows maxval, so the grid scales with it; s is rounded
+to 23 - M significant bits so that s * Q_nat is exact, see grid_scale).
 
 Gradients (rounding treated as the identity, as in LSQ):
   d x_hat / d x      = 1 inside [lo, maxval] (in u), 0 outside (the clipped straight-through estimator)
