@@ -245,11 +245,14 @@ def _tensor_from_storage(storage, storage_offset, size, stride, dtype=None) -> n
     raise TorchFileError(
         f"tensor of size {size}, stride {stride}, offset {storage_offset} reaches past the end of its storage "
         f"{storage.key!r} ({storage.nbytes} bytes): the file is truncated or corrupt")
-  raw = storage.read_bytes(first_byte, span * itemsize)
-  flat = raw.view(dtype)
+  # Stride tricks go through a plain unsigned (or void) carrier of the element size: as_strided cannot
+  # describe ml_dtypes' float8 types in its array interface.
+  carrier = np.dtype(f"u{itemsize}") if itemsize in (1, 2, 4, 8) else np.dtype((np.void, itemsize))
+  flat = storage.read_bytes(first_byte, span * itemsize).view(carrier)
   view = np.lib.stride_tricks.as_strided(flat, shape=size, strides=tuple(s * itemsize for s in stride),
                                          writeable=False)
-  array = np.array(view, dtype=dtype, order="C", copy=True)  # own, contiguous memory; detaches from the file
+  array = np.empty(size, dtype)  # own, contiguous memory: detached from the file and from other tensors
+  array.view(carrier)[...] = view
   if storage.big_endian and itemsize > 1:
     array = array.byteswap()  # numpy swaps complex numbers per component, as torch does
   return array

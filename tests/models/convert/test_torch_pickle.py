@@ -34,6 +34,15 @@ NUMPY_DTYPE_OF = {
     torch.complex64: np.dtype(np.complex64),
     torch.complex128: np.dtype(np.complex128),
 }
+# dtypes that only the zip format stores (as untyped storages rebuilt by `_rebuild_tensor_v3`).
+NEW_NUMPY_DTYPE_OF = {
+    torch.float8_e4m3fn: np.dtype(ml_dtypes.float8_e4m3fn),
+    torch.float8_e5m2: np.dtype(ml_dtypes.float8_e5m2),
+    torch.uint16: np.dtype(np.uint16),
+    torch.uint32: np.dtype(np.uint32),
+    torch.uint64: np.dtype(np.uint64),
+}
+NUMPY_DTYPE_OF_ALL = {**NUMPY_DTYPE_OF, **NEW_NUMPY_DTYPE_OF}
 
 
 class TrainingConfig:
@@ -75,7 +84,7 @@ class RecordingDict(dict):
 def assert_same_tensor(ours, ref: torch.Tensor, where: str) -> None:
   ref = ref.detach().resolve_conj().resolve_neg().contiguous()
   assert isinstance(ours, np.ndarray), f"{where}: {type(ours)} is not an ndarray"
-  assert ours.dtype == NUMPY_DTYPE_OF[ref.dtype], f"{where}: dtype {ours.dtype} for {ref.dtype}"
+  assert ours.dtype == NUMPY_DTYPE_OF_ALL[ref.dtype], f"{where}: dtype {ours.dtype} for {ref.dtype}"
   assert ours.shape == tuple(ref.shape), f"{where}: shape {ours.shape} != {tuple(ref.shape)}"
   ref_bytes = ref.reshape(-1).view(torch.uint8).numpy().tobytes()
   assert np.ascontiguousarray(ours).tobytes() == ref_bytes, f"{where}: values differ"
@@ -128,7 +137,9 @@ def test_dtypes_and_shapes_bit_exact(tmp_path, new_format):
   state = collections.OrderedDict()
   for dtype in NUMPY_DTYPE_OF:
     for shape in [(), (0,), (5,), (2, 3, 4), (1, 1, 3, 1)]:
-      if dtype.is_floating_point or dtype.is_complex:
+      if dtype.is_complex:
+        value = torch.randn(shape, generator=generator, dtype=dtype)
+      elif dtype.is_floating_point:
         value = torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype)
       elif dtype == torch.bool:
         value = torch.rand(shape, generator=generator) > 0.5
@@ -140,6 +151,17 @@ def test_dtypes_and_shapes_bit_exact(tmp_path, new_format):
   state["int64_extremes"] = torch.tensor([torch.iinfo(torch.int64).min, torch.iinfo(torch.int64).max])
   ours = save_and_compare(state, tmp_path / "state.pt", new_format)
   assert ours["specials"].dtype == np.float32 and np.isnan(ours["specials"][0])
+
+
+def test_zip_only_dtypes_bit_exact(tmp_path):
+  generator = torch.Generator().manual_seed(1)
+  state = {}
+  for dtype in NEW_NUMPY_DTYPE_OF:
+    values = torch.randn(2, 3, 4, generator=generator, dtype=torch.float32) * 8
+    state[str(dtype)] = values.to(dtype) if dtype.is_floating_point else values.abs().to(torch.int64).to(dtype)
+    state[f"{dtype}_transposed"] = state[str(dtype)].transpose(0, 2)
+  ours = save_and_compare(state, tmp_path / "new_dtypes.pt", True)
+  assert ours["torch.float8_e4m3fn"].dtype == ml_dtypes.float8_e4m3fn
 
 
 @FORMATS
