@@ -14,7 +14,8 @@ class ConvNet(nn.Module):
   def __call__(self, x):
     x = nn.Conv(64, (3, 3), name="conv_a")(x)
     x = nn.silu(x)
-    x = nn.Conv(64, (3, 3), name="conv_b")(x)
+    # Wide enough that kernels dominate the file, as in a real UNet (per-channel scales are fixed overhead).
+    x = nn.Conv(256, (3, 3), name="conv_b")(x)
     x = nn.silu(x).mean(axis=(1, 2))
     return nn.Dense(16, name="head")(x)
 
