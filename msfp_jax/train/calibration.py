@@ -14,7 +14,7 @@ from absl import logging
 
 from msfp_jax import checkpoint
 from msfp_jax.train import pipeline
-from msfp_jax.train import sharding
+from msfp_jax import parallel
 
 CALIBRATION_DIR = "calibration"
 SUMMARY_FILE = "calibration_summary.json"
@@ -32,11 +32,24 @@ def load_calibration(workdir):
   return quant.load_quant_state(workdir / CALIBRATION_DIR)
 
 
+def local_mesh():
+  """A "data" mesh over this process's devices: calibration runs whole on every process (it is a one-off
+  and its statistics are host-side), so every process derives the identical QuantState without collectives."""
+  return parallel.data_mesh(jax.local_devices())
+
+
 def calibration_batches(config, bundle: pipeline.ModelBundle, mesh=None):
-  """Yields (x_t, t[, y]) at `calibration.num_timesteps` visited steps spread over each teacher trajectory."""
+  """Yields (x_t, t[, y]) at `calibration.num_timesteps` visited steps spread over each teacher trajectory.
+
+  `mesh` must span only this process's devices (default: `local_mesh()`).
+  """
+  mesh = local_mesh() if mesh is None else mesh
   c = config.calibration
   schedule = pipeline.schedule_from(config)
   sampler_config = pipeline.sampler_from(config)
+  batch = int(c.batch_size)
+  if batch % mesh.shape[parallel.DATA_AXIS]:
+    mesh = parallel.data_mesh(jax.local_devices()[:1])
   teacher = pipeline.TeacherSampler(bundle, schedule, sampler_config, mesh=mesh)
   num_steps = sampler_config.num_steps
   picks = np.unique(np.round(np.linspace(0, num_steps - 1, min(int(c.num_timesteps), num_steps))).astype(int))
@@ -46,9 +59,6 @@ def calibration_batches(config, bundle: pipeline.ModelBundle, mesh=None):
     x_T, labels = pipeline.noise_batch(int(c.seed), pipeline.NOISE_CALIBRATION, b, batch, bundle.sample_shape,
                                        bundle.num_classes)
     labels_arr = np.zeros((batch,), np.int32) if labels is None else labels
-    if mesh is not None:
-      x_T = sharding.host_local_to_global(x_T, mesh)
-      labels_arr = sharding.host_local_to_global(labels_arr, mesh)
     traj = teacher(x_T, labels_arr, jax.random.fold_in(jax.random.key(int(c.seed)), b))
     for i in picks:
       x_t = traj.xs[i]
@@ -57,7 +67,10 @@ def calibration_batches(config, bundle: pipeline.ModelBundle, mesh=None):
 
 
 def run_calibration(config, workdir, *, bundle: pipeline.ModelBundle | None = None, mesh=None):
-  """Calibrates the model of `config` from its own trajectories; saves and returns the QuantState."""
+  """Calibrates the model of `config` from its own trajectories; saves and returns the QuantState.
+
+  `mesh`, if given, must span only this process's devices (see `local_mesh`).
+  """
   from msfp_jax import quant
   workdir = pathlib.Path(workdir)
   bundle = bundle or pipeline.load_model(config)
@@ -65,8 +78,9 @@ def run_calibration(config, workdir, *, bundle: pipeline.ModelBundle | None = No
   logging.info("Calibrating %s at W%dA%d (%s, sign mode %s)", config.model.path, qconfig.weight_bits,
                qconfig.act_bits, qconfig.kind, qconfig.sign_mode)
   qstate = quant.calibrate(bundle.model, bundle.variables, calibration_batches(config, bundle, mesh), qconfig)
+  # orbax coordinates multi-process saves: every process calls it (only the primary writes).
+  quant.save_quant_state(workdir / CALIBRATION_DIR, qstate)
   if jax.process_index() == 0:
-    quant.save_quant_state(workdir / CALIBRATION_DIR, qstate)
     checkpoint.save_json(workdir / SUMMARY_FILE, {
         "model": str(config.model.path), "quant_config": qconfig.to_dict(),
         "num_layers": len(qstate.layers), "unquantized": list(qstate.unquantized),
@@ -92,4 +106,4 @@ def load_or_calibrate(config, workdir, *, bundle=None, mesh=None):
       raise ValueError(f"{workdir} holds a calibration of a different quantization config (fields {diffs}: "
                        f"{[(k, saved.get(k), now.get(k)) for k in diffs]}). Use a new --workdir.")
     return load_calibration(workdir)
-  return run_calibration(config, workdir, bundle=bundle, mesh=mesh)
+  return run_calibration(config, workdir, bundle=bundle)

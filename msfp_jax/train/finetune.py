@@ -217,7 +217,7 @@ def finetune(config, workdir) -> FinetuneResult:
   global_batch = int(f.batch_size)
   sharding.check_global_batch(global_batch, mesh)
 
-  qstate = calibration.load_or_calibrate(config, workdir, bundle=bundle, mesh=mesh)
+  qstate = calibration.load_or_calibrate(config, workdir, bundle=bundle)
   quant_dict = qstate.to_dict()
   example = bundle.model.example_inputs(1)
   layers = quant.discover_layers(bundle.model, bundle.variables, *example, config=pipeline.quant_config_from(config))
@@ -238,12 +238,15 @@ def finetune(config, workdir) -> FinetuneResult:
   manager = checkpoint.CheckpointManager(workdir / CHECKPOINT_DIR, max_to_keep=int(f.max_checkpoints))
   latest = manager.latest_step()
   if latest is not None:
-    tree, saved_config = manager.restore(latest, target=state_lib.checkpoint_target(train_state))
+    # Compare configs first: a different config usually also means differently shaped arrays, and the
+    # field names say more than a shape mismatch.
+    _, saved_config = manager.restore(latest)
     diffs = config_differences(saved_config or {}, config_json)
     if diffs:
       raise ConfigMismatchError(
           f"{workdir} holds a fine-tuning run of a different config (checkpoint step {latest}); differing "
           f"fields: {'; '.join(diffs)}. Use a new --workdir or the checkpoint's config.")
+    tree, _ = manager.restore(latest, target=state_lib.checkpoint_target(train_state))
     train_state = state_lib.from_checkpoint(tree, train_state)
     logging.info("Resumed fine-tuning from step %d", latest)
   start = int(train_state.step)
