@@ -10,6 +10,7 @@ the module has `example_inputs(batch_size=1) -> tuple` (used to check converted 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import pathlib
 from typing import Any
@@ -109,12 +110,27 @@ def build_model(architecture: str, config: dict | Any) -> tuple[nn.Module, Any]:
 def abstract_params(model: nn.Module) -> Any:
   """Shapes/dtypes (ShapeDtypeStruct) of the model's 'params' collection, without allocating them.
 
-  Needs `model.example_inputs()`.
+  Needs `model.example_inputs()`. Cached per (model class, config): tracing a UNet's init takes seconds and
+  a conversion needs the shapes several times. Treat the result as read-only.
   """
   if not hasattr(model, "example_inputs"):
     raise TypeError(f"{type(model).__name__} has no example_inputs(); cannot derive its parameter shapes.")
+  config = getattr(model, "config", None)
+  try:
+    hash(config)
+  except TypeError:
+    return _trace_params(model)
+  return _abstract_params_cached(type(model), config)
+
+
+def _trace_params(model: nn.Module) -> Any:
   inputs = model.example_inputs()
   return jax.eval_shape(lambda: model.init(jax.random.key(0), *inputs))["params"]
+
+
+@functools.lru_cache(maxsize=32)
+def _abstract_params_cached(model_cls: type, config: Any) -> Any:
+  return _trace_params(model_cls(config=config))
 
 
 # ----------------------------------------------------------------------------------------------------------
