@@ -82,7 +82,9 @@ def to_host(tree: Any) -> Any:
   """numpy copies of (replicated or fully addressable) arrays, on every process."""
   def get(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-      return np.asarray(jax.experimental.multihost_utils.process_allgather(x, tiled=True))
+      if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+      from jax.experimental import multihost_utils  # only needed on multi-process jobs
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
-  import jax.experimental.multihost_utils  # noqa: F401  (only needed on multi-process jobs)
   return jax.tree.map(get, tree)
