@@ -70,6 +70,9 @@ class LDMUNetConfig:
       (CompVis `cond_stage_model.embedding`, ClassEmbedder n_classes; cin256: 1001). None: no table.
     num_classes: openaimodel's own `label_emb` (added to the time embedding). None: none.
     conv_resample: convolutional down/upsampling (otherwise avg-pool / nearest only).
+    image_size: the latent resolution the model was trained at (YAML `image_size`; 64 for the f4 models,
+      32 for LDM-8). Only sets the shape of `example_inputs` (what samplers draw); any size that is a
+      multiple of 2^(levels-1) runs.
   """
   in_channels: int = 3
   out_channels: int = 3
@@ -88,6 +91,7 @@ class LDMUNetConfig:
   context_classes: int | None = None
   num_classes: int | None = None
   conv_resample: bool = True
+  image_size: int | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "channel_mult", _as_int_tuple(self.channel_mult, "channel_mult"))
@@ -103,6 +107,9 @@ class LDMUNetConfig:
                          f"(GroupNorm groups); got {self.model_channels} * {mult}.")
     if self.use_spatial_transformer and self.context_dim is None:
       raise ValueError("use_spatial_transformer needs context_dim (the cross-attention context width).")
+    if self.image_size is not None and self.image_size % self.downsampling_factor:
+      raise ValueError(f"image_size {self.image_size} must be a multiple of {self.downsampling_factor} "
+                       "(2^(levels-1)).")
     if self.context_classes is not None and not self.use_spatial_transformer:
       raise ValueError("context_classes (a class embedding fed as cross-attention context) needs "
                        "use_spatial_transformer=True.")
@@ -349,9 +356,9 @@ class LDMUNet(nn.Module):
     return layer(h)
 
   def example_inputs(self, batch_size: int = 1) -> tuple:
-    """Smallest valid inputs (x, t[, y]); used to derive parameter shapes."""
+    """Inputs (x, t[, y]) of the trained latent size (or the smallest valid one); x is what samplers draw."""
     cfg = self.config
-    f = cfg.downsampling_factor
+    f = cfg.image_size or cfg.downsampling_factor
     inputs = (jnp.zeros((batch_size, f, f, cfg.in_channels), jnp.float32), jnp.zeros((batch_size,), jnp.int32))
     return inputs + ((jnp.zeros((batch_size,), jnp.int32),) if cfg.class_conditional else ())
 
@@ -464,8 +471,12 @@ def load_first_stage(dst):
   Returns (model, {"params": ...}, first_stage dict) where the dict holds "architecture" ("vq_f4" /
   "kl_f8"), "config" and "scale_factor" (latents are divided by it before decoding).
   """
-  from msfp_jax.models import autoencoder, registry
+  import importlib
+
+  from msfp_jax.models import autoencoder
   from msfp_jax.models.convert.common import raise_on_tree_mismatch
+  # The module (msfp_jax.models re-exports a function of the same name).
+  registry = importlib.import_module("msfp_jax.models.registry")
 
   meta = registry._read_model_config(dst)  # the registry's own reader: same errors as models.load
   first_stage = meta.get("first_stage")

@@ -363,7 +363,8 @@ def test_spatial_transformer_unet_matches_diffusers_and_reference():
   x = rng.standard_normal((4, 8, 6, 3)).astype(np.float32)  # non-square latents
   t = np.array([0, 17, 500, 999], np.int32)
   y = np.array([3, 10, 0, 9], np.int32)  # 10 is the null class (unconditional branch)
-  flax_eps = np.asarray(jax.jit(LDMUNet(cfg).apply)({"params": params}, x, t, y))
+  apply = jax.jit(LDMUNet(cfg).apply)
+  flax_eps = np.asarray(apply({"params": params}, x, t, y))
 
   x_t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
   context = table[torch.from_numpy(y).long()][:, None, :]
@@ -377,8 +378,8 @@ def test_spatial_transformer_unet_matches_diffusers_and_reference():
   assert relative_error(flax_eps, diffusers_eps) <= 1e-4
   assert relative_error(flax_eps, ref_eps) <= 1e-4
   # The class matters: another label gives another prediction.
-  other = np.asarray(LDMUNet(cfg).apply({"params": params}, x[:1], t[:1], np.array([5], np.int32)))
-  assert relative_error(other, flax_eps[:1]) > 1e-2
+  other = np.asarray(apply({"params": params}, x, t, np.array([5, 5, 5, 5], np.int32)))
+  assert relative_error(other[:2], flax_eps[:2]) > 1e-2
 
 
 @pytest.mark.parametrize("name", sorted(ATTENTION_BLOCK_CONFIGS))

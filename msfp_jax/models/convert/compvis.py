@@ -85,8 +85,8 @@ def config_from_preset(name: str) -> LDMConfig:
 _UNET_FIELDS = {"in_channels", "out_channels", "model_channels", "channel_mult", "num_res_blocks",
                 "attention_resolutions", "num_heads", "num_head_channels", "num_heads_upsample",
                 "use_scale_shift_norm", "resblock_updown", "use_spatial_transformer", "transformer_depth",
-                "context_dim", "num_classes", "conv_resample"}
-_UNET_IGNORED = {"image_size", "use_checkpoint", "use_fp16", "dropout", "legacy"}
+                "context_dim", "num_classes", "conv_resample", "image_size"}
+_UNET_IGNORED = {"use_checkpoint", "use_fp16", "dropout", "legacy"}
 _UNET_REQUIRED_VALUE = {"dims": 2, "use_new_attention_order": False, "n_embed": None,
                         "use_linear_in_transformer": False}
 _DDCONFIG_FIELDS = {"ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resolution", "in_channels",
@@ -447,8 +447,11 @@ def convert_compvis(checkpoint_obj: Any, dst: str | os.PathLike, *, config_yaml:
   Returns:
     The written model_config dict.
   """
+  import importlib
+
   from msfp_jax import checkpoint
-  from msfp_jax.models import registry
+  # The module (msfp_jax.models re-exports a function of the same name).
+  registry = importlib.import_module("msfp_jax.models.registry")
 
   if config_yaml is not None and preset is not None:
     raise ValueError("Give either config_yaml (--config) or preset (--preset), not both.")
