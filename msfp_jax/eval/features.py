@@ -11,7 +11,6 @@ import numpy as np
 from msfp_jax.eval import preprocess
 from msfp_jax.eval.inception_weights import FIDInception
 from msfp_jax.eval.stats import FeatureStatistics, MomentAccumulator
-from msfp_jax.models import inception as inception_lib
 
 
 class NonFiniteImagesError(ValueError):
@@ -64,22 +63,31 @@ def raise_if_not_finite(out, what: str = "images") -> None:
 
 
 class StatisticsBuilder:
-  """Accumulates pool3 / spatial moments (float64) and IS logits from feature batches."""
+  """Accumulates pool3 / spatial moments (float64) and IS logits from feature batches.
+
+  Dimensions come from the first batch (2048 and 2023 for the FID network).
+  """
 
   def __init__(self, keep_logits: bool):
-    self.pool3 = MomentAccumulator(inception_lib.POOL3_DIM)
-    self.spatial = MomentAccumulator(inception_lib.SPATIAL_DIM)
+    self.pool3: MomentAccumulator | None = None
+    self.spatial: MomentAccumulator | None = None
     self.keep_logits = keep_logits
     self.logits: list[np.ndarray] = []
 
   def add(self, out, keep: int | None = None) -> None:
     pool3 = np.asarray(out["pool3"])[:keep]
+    spatial = np.asarray(out["spatial"])[:keep]
+    if self.pool3 is None:
+      self.pool3 = MomentAccumulator(pool3.shape[1])
+      self.spatial = MomentAccumulator(spatial.shape[1])
     self.pool3.update(pool3)
-    self.spatial.update(np.asarray(out["spatial"])[:keep])
+    self.spatial.update(spatial)
     if self.keep_logits and "logits" in out:
       self.logits.append(np.asarray(out["logits"], np.float32)[:keep])
 
   def statistics(self) -> FeatureStatistics:
+    if self.pool3 is None:
+      raise ValueError("No images were given: statistics need at least 2.")
     mu, sigma = self.pool3.mean_cov(what="pool3 features")
     mu_s, sigma_s = self.spatial.mean_cov(what="sFID spatial features")
     return FeatureStatistics(mu, sigma, self.pool3.count, mu_s, sigma_s)

@@ -28,7 +28,6 @@ from msfp_jax.eval import preprocess
 from msfp_jax.eval.features import StatisticsBuilder, check_images, make_feature_fn, raise_if_not_finite
 from msfp_jax.eval.inception_weights import FIDInception
 from msfp_jax.eval.stats import FeatureStatistics, MomentAccumulator, frechet_distance, inception_score
-from msfp_jax.models import inception as inception_lib
 
 REQUIRED_PROTOCOL_KEYS = ("model_checkpoint_sha256", "sampler", "steps", "eta", "guidance", "seed")
 IS_SPLITS = 10
@@ -96,11 +95,13 @@ def _check_protocol(protocol: dict) -> None:
 
 
 def _round_arrays(builder: StatisticsBuilder, keep_logits: bool) -> dict[str, np.ndarray]:
+  if builder.pool3 is None:  # a host's share ran out in the last round: an empty round
+    return {"count": np.asarray(0)}
   arrays = {"count": np.asarray(builder.pool3.count),
             "pool3_sum": builder.pool3.total, "pool3_outer": builder.pool3.outer,
             "spatial_sum": builder.spatial.total, "spatial_outer": builder.spatial.outer}
   if keep_logits:
-    arrays["logits"] = np.concatenate(builder.logits) if builder.logits else np.zeros((0, 1008), np.float32)
+    arrays["logits"] = np.concatenate(builder.logits)
   return arrays
 
 
@@ -186,8 +187,7 @@ def evaluate(sample_fn: Callable[[jax.Array, int], Any], num_samples: int, workd
 
 def combine_rounds(directory: pathlib.Path, num_hosts: int, num_rounds: int, with_logits: bool):
   """Merges all hosts' round files: (pool3 moments, spatial moments, logits in (round, host) order or None)."""
-  pool3 = MomentAccumulator(inception_lib.POOL3_DIM)
-  spatial = MomentAccumulator(inception_lib.SPATIAL_DIM)
+  pool3 = spatial = None
   logits = []
   for index in range(num_rounds):
     for host in range(num_hosts):
@@ -196,6 +196,11 @@ def combine_rounds(directory: pathlib.Path, num_hosts: int, num_rounds: int, wit
         raise EvalProtocolError(f"Round file {path} is missing: host {host} did not finish round {index}.")
       with np.load(path) as data:
         count = int(data["count"])
+        if not count:
+          continue
+        if pool3 is None:
+          pool3 = MomentAccumulator(data["pool3_sum"].shape[0])
+          spatial = MomentAccumulator(data["spatial_sum"].shape[0])
         pool3.merge(MomentAccumulator(pool3.dim, count, data["pool3_sum"], data["pool3_outer"]))
         spatial.merge(MomentAccumulator(spatial.dim, count, data["spatial_sum"], data["spatial_outer"]))
         if with_logits:
@@ -228,6 +233,8 @@ def _combine(directory, num_hosts, num_rounds, inception, reference, protocol) -
                  "(the TorchScript gives pool3 and sFID features only).")
   else:
     notes.append(f"IS: needs at least {IS_SPLITS} samples.")
+  if metrics["fid"] is not None:
+    notes.append(f"FID/sFID from {pool3.count} samples; compare only scores with the same protocol.")
   results = {"metrics": metrics, "protocol": protocol, "notes": notes,
              "statistics_sha256": stats.sha256()}
   _atomic_write_text(directory / "results.json", json.dumps(results, indent=2, sort_keys=True, default=str))

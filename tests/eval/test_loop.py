@@ -1,0 +1,148 @@
+"""The resumable evaluation loop: interruption + rerun equals an uninterrupted run; protocol; bad input.
+
+The loop's mechanics are tested with a small stand-in for the Inception network (the same outputs with
+smaller feature dimensions, so the float64 eigen-decompositions stay cheap); the real network is tested
+in tests/models/test_inception.py and, through the same feature function, in tests/eval/test_reference.py.
+"""
+import json
+import warnings
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from msfp_jax.eval import loop
+from msfp_jax.eval.features import NonFiniteImagesError
+from msfp_jax.eval.inception_weights import FIDInception
+from msfp_jax.eval.stats import FeatureStatistics, FewSamplesWarning, frechet_distance, inception_score
+
+PROTOCOL = {"model_checkpoint_sha256": "abc123", "sampler": "ddim", "steps": 20, "eta": 0.0, "guidance": None,
+            "seed": 3}
+
+
+POOL3, SPATIAL = 64, 48
+
+
+class TinyFIDStandIn(nn.Module):
+  with_logits: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.avg_pool(x, (23, 23), (23, 23)).reshape(x.shape[0], -1)  # 299 -> 13x13x3
+    out = {"pool3": nn.relu(nn.Dense(POOL3)(h)), "spatial": nn.relu(nn.Dense(SPATIAL)(h))}
+    if self.with_logits:
+      out["logits"] = nn.Dense(100, use_bias=False)(h)
+    return out
+
+
+def _stand_in(with_logits=True):
+  model = TinyFIDStandIn(with_logits)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 299, 299, 3)))
+  return FIDInception(model=model, variables=variables, sha256="f" * 64, source_format="test", path="<test>")
+
+
+def _sample_fn(rng, batch_size, channels=3):
+  return jax.random.uniform(rng, (batch_size, 8, 8, channels), minval=-1, maxval=1)
+
+
+@pytest.fixture(scope="module")
+def net():
+  return _stand_in()
+
+
+@pytest.fixture(scope="module")
+def reference_stats():
+  rng = np.random.RandomState(0)
+  a = rng.normal(size=(POOL3, POOL3)) * 0.1
+  b = rng.normal(size=(SPATIAL, SPATIAL)) * 0.1
+  return FeatureStatistics(rng.normal(size=POOL3), a @ a.T + np.eye(POOL3), 100, rng.normal(size=SPATIAL),
+                           b @ b.T + np.eye(SPATIAL))
+
+
+def _evaluate(workdir, net, reference_stats, sample_fn=_sample_fn, **kw):
+  args = dict(name="cifar", batch_size=4, inception=net, reference=reference_stats, pipeline="tf",
+              protocol=PROTOCOL, log=lambda _: None)
+  args.update(kw)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FewSamplesWarning)
+    return loop.evaluate(sample_fn, kw.pop("num_samples", 10), workdir, **{k: v for k, v in args.items()
+                                                                          if k != "num_samples"})
+
+
+def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, net, reference_stats):
+  full = _evaluate(tmp_path / "a", net, reference_stats)
+
+  calls = []
+
+  def failing(rng, batch_size):
+    calls.append(1)
+    if len(calls) == 2:
+      raise KeyboardInterrupt("preempted in round 1")
+    return _sample_fn(rng, batch_size)
+
+  with pytest.raises(KeyboardInterrupt):
+    _evaluate(tmp_path / "b", net, reference_stats, sample_fn=failing)
+  rounds = sorted(p.name for p in (tmp_path / "b" / "eval" / "cifar").glob("round_*.npz"))
+  assert rounds == ["round_0_0.npz"]
+
+  resumed_calls = []
+
+  def counting(rng, batch_size):
+    resumed_calls.append(1)
+    return _sample_fn(rng, batch_size)
+
+  resumed = _evaluate(tmp_path / "b", net, reference_stats, sample_fn=counting)
+  assert len(resumed_calls) == 2  # rounds 1 and 2 only; 10 samples = 4 + 4 + 2
+  assert resumed["metrics"] == full["metrics"]
+  for key in ("mu", "sigma", "mu_s", "sigma_s"):
+    a = np.load(tmp_path / "a" / "eval" / "cifar" / "statistics.npz")[key]
+    b = np.load(tmp_path / "b" / "eval" / "cifar" / "statistics.npz")[key]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_scores_and_protocol_against_direct_computation(tmp_path, net, reference_stats):
+  results = _evaluate(tmp_path, net, reference_stats, num_samples=12)
+  # Direct: the same 12 images (rounds of 4 with the loop's per-round keys), features in one batch.
+  base = jax.random.key(PROTOCOL["seed"])
+  images = jnp.concatenate([_sample_fn(jax.random.fold_in(jax.random.fold_in(base, i), 0), 4) for i in range(3)])
+  from msfp_jax.eval.features import make_feature_fn
+  out = jax.tree.map(np.asarray, make_feature_fn(net, "tf")(images))
+  pool3 = out["pool3"].astype(np.float64)
+  expected_fid = frechet_distance(pool3.mean(0), np.cov(pool3, rowvar=False), reference_stats.mu,
+                                  reference_stats.sigma)
+  metrics = results["metrics"]
+  assert metrics["fid"] == pytest.approx(expected_fid, rel=1e-6)
+  assert metrics["inception_score"] == pytest.approx(inception_score(out["logits"], 10)[0], rel=1e-6)
+  assert metrics["sfid"] is not None
+  saved = json.loads((tmp_path / "eval" / "cifar" / "results.json").read_text())
+  protocol = saved["protocol"]
+  for key, value in PROTOCOL.items():
+    assert protocol[key] == value
+  assert protocol["num_samples"] == 12 and protocol["pipeline"] == "tf"
+  assert protocol["inception_weights_sha256"] == "f" * 64
+  assert protocol["reference_statistics_sha256"] == reference_stats.sha256()
+  assert (tmp_path / "eval" / "cifar" / "samples.png").is_file()
+
+
+def test_grey_samples_replicated_and_is_note_without_fc(tmp_path, reference_stats):
+  results = _evaluate(tmp_path, _stand_in(with_logits=False), reference_stats,
+                      sample_fn=lambda rng, b: _sample_fn(rng, b, channels=1), num_samples=4)
+  assert results["metrics"]["inception_score"] is None
+  assert any("pytorch-fid" in note for note in results["notes"])
+  assert results["metrics"]["fid"] is not None
+
+
+def test_bad_input(tmp_path, net, reference_stats):
+  with pytest.raises(loop.EvalProtocolError, match="lacks \\['seed'\\]"):
+    _evaluate(tmp_path, net, reference_stats, protocol={k: v for k, v in PROTOCOL.items() if k != "seed"})
+  with pytest.raises(ValueError, match="at least 2 images per round"):
+    _evaluate(tmp_path, net, reference_stats, batch_size=1)
+  with pytest.raises(ValueError, match="got 4 channels|got 4 \\("):
+    _evaluate(tmp_path / "c4", net, reference_stats, sample_fn=lambda rng, b: _sample_fn(rng, b, channels=4))
+  with pytest.raises(NonFiniteImagesError, match="NaN"):
+    _evaluate(tmp_path / "nan", net, reference_stats, sample_fn=lambda rng, b: jnp.full((b, 8, 8, 3), jnp.nan))
+  _evaluate(tmp_path / "p", net, reference_stats, num_samples=4)
+  with pytest.raises(loop.EvalProtocolError, match="another protocol"):
+    _evaluate(tmp_path / "p", net, reference_stats, num_samples=4, protocol=dict(PROTOCOL, seed=4))
