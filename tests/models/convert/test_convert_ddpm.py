@@ -286,3 +286,27 @@ def test_load_errors(tmp_path, cifar_like_converted):
   (dst / "model_config.json").write_text(json.dumps(meta))
   with pytest.raises(CheckpointError, match="does not match the expected structure"):
     load(dst)
+
+
+def test_google_ddpm_cifar10_config_maps_to_the_cifar10_preset():
+  from msfp_jax.bench.unet import CIFAR10_DIFFUSERS_CONFIG
+  from msfp_jax.models import PRESETS
+  from msfp_jax.models.convert import diffusers_config_to_ddpm
+  assert diffusers_config_to_ddpm({"_class_name": "UNet2DModel", **CIFAR10_DIFFUSERS_CONFIG}) == PRESETS["cifar10"]
+
+
+@pytest.mark.parametrize("name", ["cifar10", "celeba"])
+def test_public_architectures_are_inferred_from_weight_shapes(name):
+  """The released CIFAR-10 / CelebA files need no --preset: shapes (zero-stride views, no memory) suffice."""
+  from msfp_jax.models import PRESETS, DDPMUNet, abstract_params
+  from msfp_jax.models.convert import infer_config
+  from msfp_jax.models.convert.pytorch_diffusion import pytorch_diffusion_module_for
+  state_dict = {}
+  for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params(DDPMUNet(config=PRESETS[name]))):
+    names = [p.key for p in path]
+    shape = leaf.shape
+    if names[-1] == "kernel":
+      shape = (shape[3], shape[2], shape[0], shape[1]) if len(shape) == 4 else (shape[1], shape[0], 1, 1)
+    key = pytorch_diffusion_module_for(tuple(names[:-1])) + (".bias" if names[-1] == "bias" else ".weight")
+    state_dict[key] = np.broadcast_to(np.float32(0), shape)
+  assert infer_config(state_dict) == PRESETS[name]
