@@ -1,0 +1,203 @@
+"""Full-precision DDPM training of the built-in default model.
+
+  python -m msfp_jax.train_fp --config=configs/default_fp.py --workdir=DIR
+
+Standard epsilon-prediction training (Ho et al.): t uniform in [0, T), x_t = sqrt(abar) x_0 +
+sqrt(1 - abar) eps, loss = mean((eps_theta(x_t, t) - eps)^2); Adam with linear warmup and gradient
+clipping; an EMA of the weights is what gets exported. Step checkpoints (orbax, via
+msfp_jax.checkpoint) make a killed run resume where it stopped; the batch of step s depends only on the
+seed and s, so a resumed run ends where an uninterrupted one ends. Metrics go to TensorBoard and
+DIR/metrics.jsonl (msfp_jax.metrics).
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from msfp_jax import checkpoint, metrics
+from msfp_jax.data import digits
+from msfp_jax.diffusion import SamplerConfig, make_schedule, sample
+from msfp_jax.models import build_model, save_converted
+
+
+class TrainingDivergedError(RuntimeError):
+  """The loss became NaN or infinite."""
+
+
+def load_data(config, workdir: pathlib.Path, split: str = "train") -> np.ndarray:
+  if config.data.name != "digits16":
+    raise ValueError(f"unknown dataset {config.data.name!r}; train_fp knows 'digits16'.")
+  data_dir = pathlib.Path(config.data.data_dir) if config.data.data_dir else workdir / "tfds"
+  images, _ = digits.load_split(split, data_dir)
+  return images
+
+
+def image_grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
+  """[N, H, W, C] in [-1, 1] -> one uint8 grid image (1-pixel gaps), N a multiple of `columns`."""
+  images = np.clip((np.asarray(images) + 1) * 127.5, 0, 255).round().astype(np.uint8)
+  n, h, w, c = images.shape
+  rows = -(-n // columns)
+  grid = np.zeros((rows * (h + 1) + 1, columns * (w + 1) + 1, c), np.uint8)
+  for k in range(n):
+    r, col = divmod(k, columns)
+    grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = images[k]
+  return grid[..., 0] if c == 1 else grid
+
+
+def save_grid_png(images: np.ndarray, path: pathlib.Path, scale: int = 4) -> None:
+  from PIL import Image
+  grid = image_grid(images)
+  Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def _make_train_step(model, tx, schedule, config):
+  sqrt_abar = jnp.asarray(np.sqrt(schedule.alphas_cumprod), jnp.float32)
+  sqrt_one_minus_abar = jnp.asarray(np.sqrt(1 - schedule.alphas_cumprod), jnp.float32)
+  num_timesteps = schedule.num_timesteps
+  batch_size = config.train.batch_size
+  ema_decay = config.train.ema_decay
+
+  def loss_fn(params, x0, t, noise):
+    x_t = sqrt_abar[t][:, None, None, None] * x0 + sqrt_one_minus_abar[t][:, None, None, None] * noise
+    eps = model.apply({"params": params}, x_t, t)
+    return jnp.mean(jnp.square(eps - noise))
+
+  @jax.jit
+  def train_step(state, images, base_rng):
+    # The batch is a function of (seed, step) only: resuming reproduces the uninterrupted run.
+    rng = jax.random.fold_in(base_rng, state["step"])
+    k_idx, k_t, k_noise = jax.random.split(rng, 3)
+    x0 = images[jax.random.randint(k_idx, (batch_size,), 0, images.shape[0])]
+    t = jax.random.randint(k_t, (batch_size,), 0, num_timesteps)
+    noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"], x0, t, noise)
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    # EMA with a warm start (decay grows to ema_decay), so short runs are not dominated by the init.
+    step = state["step"] + 1
+    decay = jnp.minimum(ema_decay, (1.0 + step) / (10.0 + step))
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state["ema_params"], params)
+    new_state = {"step": step, "params": params, "ema_params": ema, "opt_state": opt_state}
+    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+  return train_step
+
+
+def _resumable(config_dict: dict) -> dict:
+  """The parts of a config that must match to resume: all but the step budget, logging cadence and
+  where the data lives. Normalized through JSON (the saved config comes back with lists for tuples)."""
+  result = json.loads(json.dumps(config_dict))
+  for key in ("num_steps", "log_every", "checkpoint_every"):
+    result.get("train", {}).pop(key, None)
+  result.get("data", {}).pop("data_dir", None)
+  return result
+
+
+def train_and_evaluate(config, workdir) -> dict[str, Any]:
+  """Trains (resuming from WORKDIR/checkpoints), exports the EMA model and writes sample/data grids."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  config_dict = config.to_dict()
+  images = jnp.asarray(load_data(config, workdir))
+  model_config = config.model.config.to_dict()
+  model, _ = build_model(config.model.architecture, model_config)
+  schedule = make_schedule(**config.schedule.to_dict())
+
+  base_rng = jax.random.key(config.seed)
+  init_rng, train_rng, sample_rng = jax.random.split(base_rng, 3)
+  params = model.init(init_rng, *model.example_inputs(1))["params"]
+  lr = optax.join_schedules(
+      [optax.linear_schedule(0.0, config.train.learning_rate, config.train.warmup_steps),
+       optax.constant_schedule(config.train.learning_rate)], [config.train.warmup_steps])
+  tx = optax.chain(optax.clip_by_global_norm(config.train.grad_clip_norm), optax.adam(lr))
+  state = {"step": jnp.asarray(0, jnp.int32), "params": params,
+           "ema_params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params)}
+
+  manager = checkpoint.CheckpointManager(workdir / "checkpoints", max_to_keep=2)
+  latest = manager.latest_step()
+  if latest is not None:
+    restored, saved_config = manager.restore(latest, target=state)
+    if saved_config is not None and _resumable(saved_config) != _resumable(config_dict):
+      changed = sorted(k for k in set(saved_config) | set(config_dict)
+                       if _resumable(saved_config).get(k) != _resumable(config_dict).get(k))
+      raise checkpoint.CheckpointError(
+          f"{workdir / 'checkpoints'} was written with a different config (sections {changed} differ); "
+          "use a new --workdir or the original config.")
+    state = jax.tree.map(jnp.asarray, restored)
+    print(f"Resuming from step {latest}.", flush=True)
+
+  num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
+  writer = metrics.create_writer(workdir)
+  if latest is None:
+    writer.write_hparams({"num_params": num_params, "batch_size": config.train.batch_size,
+                          "num_steps": config.train.num_steps})
+  train_step = _make_train_step(model, tx, schedule, config)
+  num_steps = config.train.num_steps
+  report = metrics.progress(num_steps, writer, name="train_fp")
+  start_step = int(state["step"])
+  start_time = time.time()
+  last = {}
+  for step in range(start_step + 1, num_steps + 1):
+    state, step_metrics = train_step(state, images, train_rng)
+    if step % config.train.log_every == 0 or step == num_steps:
+      last = {k: float(v) for k, v in step_metrics.items()}
+      if not np.isfinite(last["loss"]):
+        raise TrainingDivergedError(
+            f"loss is {last['loss']} at step {step}; the last good checkpoint is step "
+            f"{manager.latest_step()} in {workdir / 'checkpoints'}. Lower train.learning_rate.")
+      writer.write_scalars(step, last)
+    report.report(step)
+    if step % config.train.checkpoint_every == 0 or step == num_steps:
+      manager.save(step, state, config=config_dict)
+  manager.wait_until_finished()
+  manager.close()
+  writer.flush()
+  train_seconds = time.time() - start_time
+
+  # Export the EMA weights as a converted model, loadable with msfp_jax.models.load.
+  export_dir = pathlib.Path(config.export_dir) if config.export_dir else workdir / "model"
+  save_converted(export_dir, config.model.architecture, model_config, state["ema_params"],
+                 extra_config={"schedule": config.schedule.to_dict(), "data": config.data.name,
+                               "training": {"steps": num_steps, "seed": config.seed,
+                                            "batch_size": config.train.batch_size}})
+
+  samples = None
+  if config.sample.num_samples:
+    ema_variables = {"params": state["ema_params"]}
+    eps_fn = lambda x, t: model.apply(ema_variables, x, t)
+    cfg = config.model.config
+    x_T = jax.random.normal(sample_rng, (config.sample.num_samples, cfg.resolution, cfg.resolution,
+                                         cfg.in_channels), jnp.float32)
+    sampler = SamplerConfig(kind=config.sample.kind, num_steps=config.sample.num_steps,
+                            eta=config.sample.eta, skip=config.sample.skip)
+    samples = np.asarray(sample(eps_fn, x_T, schedule, sampler, sample_rng))
+    save_grid_png(samples, workdir / "samples.png")
+    save_grid_png(np.asarray(images[: config.sample.num_samples]), workdir / "data.png")
+  result = {"final_step": num_steps, "final_loss": last.get("loss"), "num_params": num_params,
+            "train_seconds_this_run": train_seconds, "export_dir": str(export_dir),
+            "samples_finite": None if samples is None else bool(np.all(np.isfinite(samples)))}
+  checkpoint.save_json(workdir / "result.json", result)
+  return result
+
+
+def main(argv):
+  del argv
+  result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  print(result, flush=True)
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  from ml_collections import config_flags
+  _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/default_fp.py).",
+                                            lock_config=True)
+  _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, the exported model.")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
