@@ -310,3 +310,15 @@ def test_public_architectures_are_inferred_from_weight_shapes(name):
     key = pytorch_diffusion_module_for(tuple(names[:-1])) + (".bias" if names[-1] == "bias" else ".weight")
     state_dict[key] = np.broadcast_to(np.float32(0), shape)
   assert infer_config(state_dict) == PRESETS[name]
+
+
+def test_format_detection():
+  zeros = np.zeros(2, np.float32)
+  assert convert_cli.detect_format({"state_dict": {"model.diffusion_model.out.2.weight": zeros}}) == "compvis"
+  assert convert_cli.detect_format({"module.temb.dense.0.weight": zeros, "module.conv_in.weight": zeros,
+                                    "module.conv_out.weight": zeros}) == "pytorch_diffusion"
+  assert convert_cli.detect_format([{}, {}, 1, 2]) == "ddim_list"
+  with pytest.raises(ConversionError, match="bare diffusers UNet state dict.*config.json"):
+    convert_cli.detect_format({"time_embedding.linear_1.weight": zeros})
+  with pytest.raises(ConversionError, match="holds a str"):
+    convert_cli.detect_format("weights")
