@@ -96,6 +96,7 @@ def statistics_from_npz(path: str | os.PathLike) -> FeatureStatistics | None:
 
 
 def _npz_image_batches(path: pathlib.Path, batch_size: int) -> Iterator[np.ndarray]:
+  # Validated before returning the generator, so a wrong file is reported before any network work.
   with _load_npz(path) as data:
     if "arr_0" not in data.files:
       raise ReferenceError(f"{path} holds neither statistics (mu, sigma) nor images (arr_0); keys: {data.files}.")
@@ -103,8 +104,7 @@ def _npz_image_batches(path: pathlib.Path, batch_size: int) -> Iterator[np.ndarr
   if images.dtype != np.uint8 or images.ndim != 4:
     raise ReferenceError(f"{path}: arr_0 must be uint8 NHWC images (ADM's layout); got {images.dtype} "
                          f"{images.shape}.")
-  for start in range(0, len(images), batch_size):
-    yield images[start:start + batch_size]
+  return (images[start:start + batch_size] for start in range(0, len(images), batch_size))
 
 
 def _tfds_batches(spec: str, batch_size: int, data_dir: str | None, image_key: str,
