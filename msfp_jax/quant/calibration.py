@@ -4,8 +4,8 @@ Two stages, both public so that reports can look at the statistics:
 
 * `collect_statistics` runs the model (jitted) over the calibration batches with the recording interceptor.
   Per batch and layer input the device returns min/max over the finite values, a count of non-finite values
-  and a fixed-size random subsample; the host folds them into an `ActivationStatistics` (running min/max and
-  a bounded uniform reservoir, float32), so memory is bounded by layers x samples_per_layer whatever the
+  and a fixed-size random subsample (positions drawn on the host); the host folds them into an
+  `ActivationStatistics` (running min/max and a bounded uniform reservoir, float32), so memory is bounded by layers x samples_per_layer whatever the
   number of batches and timesteps.
 * `search_quant_state` chooses, per layer, the weight format and per-output-channel maxval (signed FP, or
   asymmetric INT) and the activation format, maxval and zero point (signed; unsigned + zero point for
@@ -129,9 +129,9 @@ def collect_statistics(model, variables, batches: Iterable, config: QuantConfig 
 
   call_order: list[str] = []
 
-  def record(variables, key, *args):
+  def record(variables, uniforms, *args):
     sink: dict[str, list] = {}
-    with recording_interceptor(quantized, key, config.samples_per_batch, sink):
+    with recording_interceptor(quantized, uniforms, config.samples_per_batch, sink):
       model.apply(variables, *args, **apply_kwargs)
     call_order[:] = list(sink)  # trace-time side effect: the order layers were called in
     return sink
@@ -139,10 +139,10 @@ def collect_statistics(model, variables, batches: Iterable, config: QuantConfig 
   record = jax.jit(record)
   rng = np.random.default_rng(config.seed)
   stats: dict[str, tuple[ActivationStatistics, ...]] = {}
-  base_key = jax.random.key(config.seed)
   num_batches = 0
   for batch_index, args in enumerate(itertools.chain([first], map(_as_args, iterator))):
-    summaries = jax.device_get(record(variables, jax.random.fold_in(base_key, batch_index), *args))
+    uniforms = rng.random(config.samples_per_batch, dtype=np.float32)
+    summaries = jax.device_get(record(variables, uniforms, *args))
     for path in call_order:
       for call in summaries[path]:
         for operand, summary in enumerate(call):
@@ -167,43 +167,74 @@ def collect_statistics(model, variables, batches: Iterable, config: QuantConfig 
 
 
 # ============================================================================= the MSE search
-def _nearest_level_sse(rows: np.ndarray, levels: np.ndarray) -> np.ndarray:
+class _SortedRows:
+  """Rows of values sorted ascending with their prefix sums: what every candidate grid is scored against."""
+
+  def __init__(self, rows: np.ndarray):
+    self.values = np.sort(np.asarray(rows, np.float64), axis=1)  # [R, N]
+    num_rows, n = self.values.shape
+    self.prefix = np.zeros((num_rows, n + 1))  # prefix[r, i] = sum of the i smallest values of row r
+    np.cumsum(self.values, axis=1, out=self.prefix[:, 1:])
+    self.total_square = np.sum(self.values * self.values, axis=1)  # [R]
+
+  def __len__(self):
+    return self.values.shape[0]
+
+  def rows(self, s: slice) -> "_SortedRows":
+    out = object.__new__(_SortedRows)
+    out.values, out.prefix, out.total_square = self.values[s], self.prefix[s], self.total_square[s]
+    return out
+
+
+def _nearest_level_sse(rows: _SortedRows, levels: np.ndarray) -> np.ndarray:
   """Sum of squared distances of each row's values to the nearest of each candidate's levels.
 
   Args:
-    rows: [R, N] float64, each row sorted ascending.
+    rows: R sorted rows of N values with prefix sums.
     levels: [R, Q, L] float64 (may be a broadcast view), each candidate's levels sorted ascending.
   Returns:
     [R, Q] float64.
+
+  With p_j the number of values below the midpoint between levels j-1 and j (the cell boundaries), S(i) the
+  sum of the i smallest values and g the levels, summing (x - g)^2 cell by cell telescopes to
+    sum x^2 - 2 (g_last S(N) + sum_j S(p_j) (g_{j-1} - g_j)) + (g_last^2 N + sum_j p_j (g_{j-1}^2 - g_j^2)),
+  one gather per boundary.
   """
-  num_rows, n = rows.shape
+  values, prefix = rows.values, rows.prefix
+  num_rows, n = values.shape
   _, num_candidates, num_levels = levels.shape
-  cs1 = np.zeros((num_rows, n + 1))
-  cs2 = np.zeros((num_rows, n + 1))
-  np.cumsum(rows, axis=1, out=cs1[:, 1:])
-  np.cumsum(rows * rows, axis=1, out=cs2[:, 1:])
-  mids = 0.5 * (levels[..., 1:] + levels[..., :-1])
+  mids = (0.5 * (levels[..., 1:] + levels[..., :-1])).reshape(num_rows, -1)
   # One binary search for all rows: shift row r by r * span (span exceeds the width of any row's values and
   # levels), so the concatenated rows are globally sorted and each row's midpoints fall in its own block.
-  span = 2.0 * max(float(np.abs(rows).max(initial=0.0)), float(np.abs(levels).max(initial=0.0))) + 1.0
+  # Sorting the queries lets numpy's searchsorted reuse the previous position (much faster on big arrays).
+  span = 2.0 * max(float(np.abs(values).max(initial=0.0)), float(np.abs(mids).max(initial=0.0))) + 1.0
   offsets = span * np.arange(num_rows, dtype=np.float64)
-  positions = np.searchsorted((rows + offsets[:, None]).ravel(), (mids + offsets[:, None, None]).ravel())
-  positions = positions.reshape(num_rows, num_candidates, num_levels - 1) - (n * np.arange(num_rows))[:, None, None]
+  if levels.strides[0] == 0:  # the same candidates for every row (a broadcast view): sort them once
+    order = np.broadcast_to(np.argsort(mids[0]), mids.shape)
+  else:
+    order = np.argsort(mids, axis=1)
+  queries = np.take_along_axis(mids, order, axis=1) + offsets[:, None]
+  sorted_positions = np.searchsorted((values + offsets[:, None]).ravel(), queries.ravel()).reshape(num_rows, -1)
+  sorted_positions -= (n * np.arange(num_rows))[:, None]
+  positions = np.empty_like(sorted_positions)
+  np.put_along_axis(positions, order, sorted_positions, axis=1)
   np.clip(positions, 0, n, out=positions)
-  bounds = np.concatenate([np.zeros((num_rows, num_candidates, 1), np.int64), positions,
-                           np.full((num_rows, num_candidates, 1), n, np.int64)], axis=-1)
-  flat_bounds = bounds + ((n + 1) * np.arange(num_rows))[:, None, None]
-  s1 = np.diff(cs1.ravel()[flat_bounds], axis=-1)
-  s2 = np.diff(cs2.ravel()[flat_bounds], axis=-1)
-  count = np.diff(bounds, axis=-1)
-  sse = np.sum(s2 - 2.0 * levels * s1 + count * levels * levels, axis=-1)
+  positions = positions.reshape(num_rows, num_candidates, num_levels - 1)
+  below_sums = prefix.ravel()[positions + ((n + 1) * np.arange(num_rows))[:, None, None]]
+  step = levels[..., :-1] - levels[..., 1:]
+  step_square = levels[..., :-1] ** 2 - levels[..., 1:] ** 2
+  last = levels[..., -1]
+  linear = last * prefix[:, -1:] + np.sum(below_sums * step, axis=-1)
+  quadratic = last * last * n + np.sum(positions * step_square, axis=-1)
+  sse = rows.total_square[:, None] - 2.0 * linear + quadratic
   return np.maximum(sse, 0.0)
 
 
-def _chunked_sse(rows: np.ndarray, levels_fn, num_candidates: int, num_levels: int) -> np.ndarray:
+def _chunked_sse(rows: _SortedRows, levels_fn, num_candidates: int, num_levels: int) -> np.ndarray:
   """_nearest_level_sse over row chunks; levels_fn(row_slice) -> [r, Q, L] levels for those rows."""
   step = max(1, _SEARCH_CHUNK_ELEMENTS // max(1, num_candidates * num_levels))
-  out = [_nearest_level_sse(rows[i:i + step], levels_fn(slice(i, i + step))) for i in range(0, len(rows), step)]
+  out = [_nearest_level_sse(rows.rows(slice(i, i + step)), levels_fn(slice(i, i + step)))
+         for i in range(0, len(rows), step)]
   return np.concatenate(out, axis=0)
 
 
@@ -250,7 +281,7 @@ def search_weight_quantizer(kernel, bits: int, config: QuantConfig) -> WeightCho
     low = np.minimum(rows.min(axis=1), 0.0)
     width = np.maximum(rows.max(axis=1), 0.0) - low
     scale = np.where(width > 0, width, 1.0)
-    normalized = np.sort(rows / scale[:, None], axis=1)
+    normalized = _SortedRows(rows / scale[:, None])
     low_n = low / scale
     unit = _unit_grid(fmt)
     # levels[r, q] = c_q * (low_n[r] + unit): zero point c * low, maxval c * width (in units of `scale`).
@@ -262,7 +293,7 @@ def search_weight_quantizer(kernel, bits: int, config: QuantConfig) -> WeightCho
                         mse=float(sse[np.arange(num_out), best].sum() / rows.size))
   absmax = np.abs(rows).max(axis=1)
   scale = np.where(absmax > 0, absmax, 1.0)  # an all-zero channel quantizes to 0 whatever its maxval
-  normalized = np.sort(rows / scale[:, None], axis=1)
+  normalized = _SortedRows(rows / scale[:, None])  # sorted once, scored for every format
   best_choice = None
   for fmt in FPFormat.candidates(bits, signed=True):
     unit = _unit_grid(fmt)
@@ -301,7 +332,7 @@ def search_activation_quantizer(samples: np.ndarray, minimum: float, maximum: fl
   minimum, maximum = float(minimum), float(maximum)
   absmax = max(abs(minimum), abs(maximum))
   scale = absmax if absmax > 0 else 1.0
-  xn = (x / scale)[None, :]  # normalized so the binary-search offsets stay well conditioned
+  xn = _SortedRows((x / scale)[None, :])  # normalized so the binary-search offsets stay well conditioned
   factors = maxval_factors(config)
   one_sided = is_one_sided(minimum, maximum, config.one_sided_alpha)
   candidates: list[tuple[FPFormat, bool]] = []  # (format, with zero point)

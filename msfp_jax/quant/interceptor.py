@@ -12,7 +12,6 @@ around a call of an already-compiled function it would silently do nothing.
 from __future__ import annotations
 
 import contextlib
-import zlib
 from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
@@ -86,15 +85,20 @@ def discover_layers(model: nn.Module, variables, *args, config: QuantConfig = Qu
 
 
 # ----------------------------------------------------------------------------- calibration recording
-def _activation_summary(x: jax.Array, key: jax.Array, samples_per_batch: int) -> dict[str, jax.Array]:
-  """min/max over the finite values, the count of non-finite values, and a subsample of the values."""
+def _activation_summary(x: jax.Array, uniforms: jax.Array, samples_per_batch: int) -> dict[str, jax.Array]:
+  """min/max over the finite values, the count of non-finite values, and a subsample of the values.
+
+  The subsample takes the values at floor(u * size) for the given uniforms u in [0, 1) (drawn on the host:
+  a random-number generator inside the recorded graph, once per layer, made its compilation minutes long).
+  """
   flat = jnp.ravel(x).astype(jnp.float32)
   finite = jnp.isfinite(flat)
   size = flat.shape[0]
   if size <= samples_per_batch:
     samples = flat  # small inputs contribute every value (exact statistics for small calibration sets)
   else:
-    samples = flat[jax.random.randint(key, (samples_per_batch,), 0, size)]
+    index = jnp.minimum((uniforms[:samples_per_batch] * size).astype(jnp.int32), size - 1)
+    samples = flat[index]
   return {
       "min": jnp.min(jnp.where(finite, flat, jnp.inf)),
       "max": jnp.max(jnp.where(finite, flat, -jnp.inf)),
@@ -103,25 +107,34 @@ def _activation_summary(x: jax.Array, key: jax.Array, samples_per_batch: int) ->
   }
 
 
+# Shifts the shared uniforms between layer inputs (the golden ratio's fractional part: successive shifts are
+# spread evenly over [0, 1)), so different layers do not sample the same relative positions.
+_GOLDEN = 0.6180339887498949
+
+
 @contextlib.contextmanager
-def recording_interceptor(layers: Mapping[str, LayerInfo], key: jax.Array, samples_per_batch: int,
+def recording_interceptor(layers: Mapping[str, LayerInfo], uniforms: jax.Array, samples_per_batch: int,
                           sink: dict[str, list]) -> Iterator[None]:
   """Calibration mode: appends, per call of each quantized layer, a summary of each activation operand.
 
   `sink[path]` receives one tuple per call with one summary dict per operand (the input of a Conv/Dense,
   both operands of a MatMul); the summaries are traced values, so the enclosing (jitted) function returns
-  them. Each call draws its subsample with its own key (derived from the path and the call index).
+  them. `uniforms` ([samples_per_batch] in [0, 1), fresh per batch) choose the subsample; each operand shifts
+  them by its own offset.
   """
+  operand_count = [0]
+
   def intercept(next_fun, args, kwargs, context):
     if _is_call(context):
       path = module_path(context.module)
       info = layers.get(path)
       if info is not None and info.quantized:
-        calls = sink.setdefault(path, [])
-        call_key = jax.random.fold_in(jax.random.fold_in(key, zlib.crc32(path.encode())), len(calls))
-        operands = args[:2] if info.is_matmul else args[:1]
-        calls.append(tuple(_activation_summary(x, jax.random.fold_in(call_key, i), samples_per_batch)
-                           for i, x in enumerate(operands)))
+        summaries = []
+        for x in (args[:2] if info.is_matmul else args[:1]):
+          shift = (operand_count[0] * _GOLDEN) % 1.0
+          operand_count[0] += 1
+          summaries.append(_activation_summary(x, jnp.mod(uniforms + shift, 1.0), samples_per_batch))
+        sink.setdefault(path, []).append(tuple(summaries))
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(intercept):
