@@ -77,8 +77,9 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, config: str | p
     if (src / MODEL_CONFIG_FILE).is_file():
       raise ConversionError(f"{src} is already a converted msfp_jax model; load it with msfp_jax.models.load.")
     from msfp_jax.models.convert import diffusers_unet
-    if config is not None or preset is not None:
-      raise ValueError("A diffusers folder carries its own config.json; --config/--preset do not apply.")
+    if config is not None or preset is not None or resolution is not None or not use_ema:
+      raise ValueError("A diffusers folder carries its own config.json and one set of weights; --config, "
+                       "--preset, --resolution and --no-ema do not apply.")
     diffusers_unet.convert_diffusers_unet(src, dst)
     return checkpoint.load_json(dst / MODEL_CONFIG_FILE)
 
@@ -121,7 +122,7 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, config: str | p
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m msfp_jax.convert", description=__doc__.split("\n\n")[0],
+  parser = argparse.ArgumentParser(prog="python -m msfp_jax.convert", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("src", help="checkpoint file or diffusers folder")
   parser.add_argument("dst", help="output directory (params + model_config.json)")
