@@ -167,7 +167,7 @@ def _quantize_activation(x, fmt, maxval, zero_point):
 
 @contextlib.contextmanager
 def quantization_interceptor(qstate: QuantState, *, kernel_update: KernelUpdate | None = None,
-                             weights_prequantized: bool = False) -> Iterator[None]:
+                             weights_prequantized: bool = False, strict: bool = True) -> Iterator[None]:
   """Context manager: fake-quantizes the inputs and kernels of the layers in `qstate`.
 
   Args:
@@ -177,6 +177,9 @@ def quantization_interceptor(qstate: QuantState, *, kernel_update: KernelUpdate 
       variables are already quantized; pass the update to prequantize_weights instead).
     weights_prequantized: the variables' kernels went through prequantize_weights, so only the activations
       are rounded at call time (the fast path for sampling).
+    strict: raise QuantStateMismatchError for a Conv/Dense call whose path the state neither quantizes nor
+      lists as kept in FP (a state calibrated for another model). Pass False when other Flax models (e.g. a
+      timestep router) are applied inside the context; their layers then pass through unquantized.
 
   Enter it inside the traced function; see the module docstring.
   """
@@ -195,7 +198,7 @@ def quantization_interceptor(qstate: QuantState, *, kernel_update: KernelUpdate 
     path = module_path(module)
     layer = qstate.layers.get(path)
     if layer is None:
-      if (path not in known_fp and set(DEFAULT_MODULE_TYPES).intersection(module_type_names(module))
+      if (strict and path not in known_fp and set(DEFAULT_MODULE_TYPES).intersection(module_type_names(module))
           and not module.is_initializing()):
         raise QuantStateMismatchError(
             f"{module_type_names(module)[0]} layer {path!r} is neither quantized nor listed as kept in full "
@@ -229,12 +232,14 @@ def quantization_interceptor(qstate: QuantState, *, kernel_update: KernelUpdate 
 
 
 def quantized_apply(model: nn.Module, variables, qstate: QuantState, *args,
-                    kernel_update: KernelUpdate | None = None, weights_prequantized: bool = False, **kwargs):
+                    kernel_update: KernelUpdate | None = None, weights_prequantized: bool = False,
+                    strict: bool = True, **kwargs):
   """`model.apply(variables, *args, **kwargs)` with the layers of `qstate` fake-quantized.
 
   Traceable: call it inside jax.jit (the interceptor is entered within the call).
   """
-  with quantization_interceptor(qstate, kernel_update=kernel_update, weights_prequantized=weights_prequantized):
+  with quantization_interceptor(qstate, kernel_update=kernel_update, weights_prequantized=weights_prequantized,
+                                strict=strict):
     return model.apply(variables, *args, **kwargs)
 
 

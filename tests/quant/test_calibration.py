@@ -248,6 +248,8 @@ def test_invalid_config_values_are_errors():
     QuantConfig(maxval_grid_min=0.0)
   with pytest.raises(InvalidQuantConfigError, match="rules"):
     QuantConfig(rules=("conv.*",))
+  with pytest.raises(ValueError, match="exponent_bits must be >= 0"):
+    FPFormat(-1, 2)
 
 
 def test_rules_that_leave_nothing_to_quantize_are_an_error(toy):

@@ -185,6 +185,15 @@ def test_state_from_another_model_is_an_error(calibrated):
   variables = model.init(jax.random.key(0), x)
   with pytest.raises(QuantStateMismatchError, match="calibrated for another model"):
     quantized_apply(model, variables, qstate, x)
+  # strict=False lets unknown layers (e.g. a router applied inside the context) pass through; the layer
+  # 'out' exists in both models but with another kernel shape, which is still caught.
+  with pytest.raises(QuantStateMismatchError, match=r"layer 'out': .* \(3,\) weight maxvals but the kernel"):
+    quantized_apply(model, variables, qstate, x, strict=False)
+  router = nn.Dense(2)
+  router_variables = router.init(jax.random.key(1), x)
+  with quantization_interceptor(qstate, strict=False):
+    routed = router.apply(router_variables, x)
+  np.testing.assert_array_equal(routed, router.apply(router_variables, x))
 
 
 def test_quantizer_parameters_are_trainable_leaves(calibrated):
