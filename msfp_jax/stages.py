@@ -110,6 +110,15 @@ class Models:
     self.schedule = pipeline.schedule_from(config)
     self.sampler_config = pipeline.sampler_from(config)
     self._cache: dict[str, Callable] = {}
+    self._decode = None
+    if self.bundle.meta.get("first_stage"):
+      # Latent diffusion: the first stage stays in full precision and turns sampled latents into images.
+      from msfp_jax.diffusion import latent
+      from msfp_jax.models import ldm_unet
+      first_stage, first_stage_variables, info = ldm_unet.load_first_stage(pipeline.model_dir(config.model.path))
+      scale_factor = float(info["scale_factor"])
+      self._decode = jax.jit(lambda z: latent.decode_latents(first_stage, first_stage_variables, z,
+                                                             scale_factor=scale_factor))
 
   def apply_fn(self, name: str) -> Callable:
     """(x, t[, y]) -> eps of model `name`."""
@@ -128,8 +137,12 @@ class Models:
     return self._cache[name]
 
   def sample(self, name: str, x_T: np.ndarray, labels: np.ndarray | None, rng) -> np.ndarray:
+    """Images in [-1, 1] (latent models: decoded by the full-precision first stage)."""
     eps_fn = _sampler_eps(self.apply_fn(name), self.bundle, labels)
-    return np.asarray(diffusion.sample(eps_fn, x_T, self.schedule, self.sampler_config, rng))
+    return self.decode(diffusion.sample(eps_fn, x_T, self.schedule, self.sampler_config, rng))
+
+  def decode(self, x_0) -> np.ndarray:
+    return np.asarray(x_0 if self._decode is None else self._decode(x_0))
 
   def sample_fn(self, name: str) -> Callable:
     """(rng, batch) -> images in [-1, 1], for the evaluation loop."""
@@ -241,23 +254,25 @@ def inception_path(config) -> pathlib.Path | None:
 
 
 def reference_statistics(config, workdir: pathlib.Path, inception):
-  """Statistics of config.evaluation.reference (file, folder, tfds:NAME), or the default model's data."""
+  """Statistics of config.evaluation.reference (an .npz of statistics or images, a folder, tfds:NAME/SPLIT), or,
+  for the built-in model, of its training data (the paper protocol scores against the training set)."""
   from msfp_jax import eval as eval_lib
   reference = str(config.evaluation.reference or "")
   pipeline_name = config.evaluation.fid_pipeline
   if not reference:
     if config.model.path != pipeline.BUILTIN_MODEL:
-      return None, "none"
+      raise ValueError("config.evaluation.reference is empty: give the reference statistics (.npz of pytorch-fid "
+                       "or ADM format), an image folder/.npz, or tfds:NAME/SPLIT, as the benchmark's protocol says.")
     from msfp_jax.data import digits
     cache = workdir / "reference_stats.npz"
     if not cache.is_file():
-      images = digits.reference_images()
+      images, _ = digits.load_split("train")
+      images = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
       stats = eval_lib.statistics_of_uint8_batches(
           (images[i:i + 100] for i in range(0, len(images), 100)), inception, pipeline_name)
       stats.save(cache)
-    return eval_lib.FeatureStatistics.load(cache), f"built-in digits ({digits.REFERENCE_DESCRIPTION})"
-  stats = eval_lib.load_or_compute_statistics(reference, inception=inception, pipeline=pipeline_name,
-                                              cache_dir=workdir / "reference_cache")
+    return eval_lib.statistics_from_npz(cache), "digits16 train split (1497 images, msfp_jax.data.digits)"
+  stats = eval_lib.load_or_compute_statistics(reference, inception=inception, pipeline=pipeline_name)
   return stats, reference
 
 
@@ -337,7 +352,8 @@ def run_export(config, workdir, models: Models | None = None) -> dict:
   n = min(8, int(config.sample.num_images))
   x_T, labels = pipeline.noise_batch(int(config.seed), NOISE_SAMPLE, 0, n, bundle.sample_shape, bundle.num_classes)
   rng = jax.random.key(int(config.seed))
-  from_packed = sample_from_packed(loaded, bundle, models.schedule, models.sampler_config, x_T, labels, rng)
+  from_packed = models.decode(
+      sample_from_packed(loaded, bundle, models.schedule, models.sampler_config, x_T, labels, rng))
   fake_quant = models.sample("finetuned", x_T, labels, rng)
   max_diff = float(np.max(np.abs(from_packed - fake_quant)))
   summary = {

@@ -1,0 +1,42 @@
+"""The ablation of the paper's Table (signed FP + LoRA -> + mixup-sign -> + TALoRA -> + DFA) on the built-in model.
+
+Every variant is the default experiment (configs/default.py) with a few fields changed, run with the same
+calibration budget, the same fine-tuning budget and the same evaluation, for each seed; the table reports the
+mean and the spread over seeds.
+
+Launch:
+  python -m msfp_jax.main --config=configs/ablation.py --workdir=runs/ablation
+Smallest variant (smoke test): --config=configs/ablation.py:runlocal
+"""
+import ml_collections
+
+from configs import common
+from configs import default
+
+# (name, which model is scored, overrides of the default experiment as (field, value) pairs), in the order of
+# the paper's ablation. "ptq" variants are scored after calibration, "finetuned" ones after fine-tuning.
+VARIANTS = (
+    ("INT4 PTQ (INT baseline)", "ptq", (("quant.kind", "int"), ("quant.sign_mode", "signed"))),
+    ("signed FP4 PTQ", "ptq", (("quant.sign_mode", "signed"),)),
+    ("mixup-sign FP4 PTQ", "ptq", ()),
+    ("signed FP4 + LoRA", "finetuned", (("quant.sign_mode", "signed"), ("lora.num_banks", 1),
+                                        ("finetune.dfa_weighting", "none"))),
+    ("+ mixup-sign (MSFP + LoRA)", "finetuned", (("lora.num_banks", 1), ("finetune.dfa_weighting", "none"))),
+    ("+ TALoRA (K=4)", "finetuned", (("finetune.dfa_weighting", "none"),)),
+    ("+ DFA (full MSFP)", "finetuned", ()),
+    ("W6A6 full MSFP", "finetuned", (("quant.weight_bits", 6), ("quant.act_bits", 6))),
+    ("W4A8 full MSFP", "finetuned", (("quant.act_bits", 8),)),
+)
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, runlocal=False)
+  config = default.get_config("runlocal" if args.runlocal else None)
+  config.ablation = ml_collections.ConfigDict()
+  config.ablation.variants = VARIANTS
+  config.ablation.seeds = (0, 1, 2)
+  # Variant names to run (all by default); e.g. --config.ablation.only="('+ DFA (full MSFP)',)".
+  config.ablation.only = ()
+  if args.runlocal:
+    config.ablation.seeds = (0,)
+  return config

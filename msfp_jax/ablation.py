@@ -1,0 +1,171 @@
+"""The ablation table: every variant of config.ablation.variants, for every seed, with the same budgets.
+
+Each (variant, seed) runs in WORKDIR/<variant slug>/seed_<s> (calibrate, fine-tune when the variant is scored
+after fine-tuning, then score) and leaves result.json there; a rerun of the same command skips finished pairs,
+and an interrupted fine-tune resumes from its last checkpoint. The table (mean and spread over seeds) is written
+to WORKDIR/ablation.md and WORKDIR/ablation.json.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import pathlib
+import re
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+from msfp_jax import checkpoint
+from msfp_jax import metrics
+
+RESULT_FILE = "result.json"
+
+
+def slug(name: str) -> str:
+  return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def variant_config(config, overrides, seed: int):
+  """The base experiment with a variant's overrides and a seed (calibration and fine-tuning noise follow it)."""
+  variant = copy.deepcopy(config)
+  variant.unlock()
+  del variant["ablation"]
+  for field, value in overrides:
+    node = variant
+    *parents, leaf = field.split(".")
+    for parent in parents:
+      node = node[parent]
+    if leaf not in node:
+      raise ValueError(f"Ablation override {field!r} names no config field.")
+    node[leaf] = value
+  variant.seed = int(seed)
+  variant.calibration.seed = int(seed) + 1
+  variant.lock()
+  return variant
+
+
+def _sample_images(models, name: str, config) -> np.ndarray:
+  from msfp_jax import stages
+  from msfp_jax.train import pipeline
+  bundle = models.bundle
+  x_T, labels = pipeline.noise_batch(int(config.seed), stages.NOISE_SAMPLE, 0, int(config.sample.num_images),
+                                     bundle.sample_shape, bundle.num_classes)
+  return np.clip(models.sample(name, x_T, labels, jax.random.key(int(config.seed))), -1.0, 1.0)
+
+
+def _score(models, name: str, config, workdir: pathlib.Path, fp_images: np.ndarray, inception, reference) -> dict:
+  from msfp_jax import stages
+  images = _sample_images(models, name, config)
+  result = {"sample_mse_vs_fp": float(np.mean((images - fp_images) ** 2))}
+  if inception is not None:
+    from msfp_jax import eval as eval_lib
+    s = config.sampler
+    protocol = {"model_checkpoint_sha256": stages.model_checkpoint_sha256(config), "sampler": s.kind,
+                "steps": int(s.num_steps), "eta": float(s.eta), "guidance": float(s.guidance_scale),
+                "seed": int(config.seed) + 1000}
+    scores = eval_lib.evaluate(models.sample_fn(name), int(config.evaluation.num_samples), workdir, name=name,
+                               batch_size=int(config.evaluation.batch_size), inception=inception,
+                               reference=reference, pipeline=config.evaluation.fid_pipeline, protocol=protocol)
+    result.update({k: scores[k] for k in ("fid", "sfid", "is") if k in scores})
+  return result
+
+
+def run_ablation(config, workdir) -> dict:
+  from msfp_jax import stages
+  from msfp_jax.train import calibration
+  from msfp_jax.train import finetune
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  variants = [v for v in config.ablation.variants if not config.ablation.only or v[0] in config.ablation.only]
+  if config.ablation.only and len(variants) != len(config.ablation.only):
+    known = [v[0] for v in config.ablation.variants]
+    raise ValueError(f"config.ablation.only names unknown variants; known: {known}")
+  seeds = [int(s) for s in config.ablation.seeds]
+  path = stages.inception_path(config)
+  inception = reference = None
+  if path is not None and path.is_file():
+    from msfp_jax import eval as eval_lib
+    inception = eval_lib.load_inception(path)
+  else:
+    print("Ablation: the FID network file is absent, so only sample MSE vs FP is reported. Fetch it with "
+          "`bash launch/fetch_fid_network.sh`.", flush=True)
+  writer = metrics.create_writer(workdir, jsonl_name=None)
+  report = metrics.progress(len(variants) * len(seeds), writer, every_secs=0, name="ablation")
+  done = 0
+  fp_cache: dict[int, np.ndarray] = {}
+  for seed in seeds:
+    base = variant_config(config, (), seed)
+    fp_dir = workdir / "fp" / f"seed_{seed}"
+    fp_dir.mkdir(parents=True, exist_ok=True)
+    for name, scored, overrides in variants:
+      variant_dir = workdir / slug(name) / f"seed_{seed}"
+      if (variant_dir / RESULT_FILE).is_file():
+        done += 1
+        report.report(done)
+        continue
+      variant = variant_config(config, overrides, seed)
+      variant_dir.mkdir(parents=True, exist_ok=True)
+      start = time.time()
+      models = stages.Models(variant, variant_dir)
+      if reference is None and inception is not None:
+        reference, _ = stages.reference_statistics(variant, workdir, inception)
+      if seed not in fp_cache:
+        fp_file = fp_dir / "samples.npz"
+        if not fp_file.is_file():
+          np.savez(fp_file, images=_sample_images(models, "fp", base))
+        fp_cache[seed] = np.load(fp_file)["images"]
+      calibration.load_or_calibrate(variant, variant_dir, bundle=models.bundle)
+      if scored == "finetuned":
+        finetune.finetune(variant, variant_dir)
+      result = _score(models, scored, variant, variant_dir, fp_cache[seed], inception, reference)
+      result.update({"variant": name, "seed": seed, "scored": scored, "overrides": [list(o) for o in overrides],
+                     "seconds": time.time() - start})
+      checkpoint.save_json(variant_dir / RESULT_FILE, result)
+      logging.info("ablation %s seed %d: %s", name, seed, result)
+      done += 1
+      report.report(done)
+    if inception is not None and not (fp_dir / RESULT_FILE).is_file():
+      models = stages.Models(base, fp_dir)
+      if reference is None:
+        reference, _ = stages.reference_statistics(base, workdir, inception)
+      checkpoint.save_json(fp_dir / RESULT_FILE, _score(models, "fp", base, fp_dir, fp_cache[seed], inception,
+                                                         reference))
+  table = summarize(config, workdir, variants, seeds)
+  return table
+
+
+def summarize(config, workdir: pathlib.Path, variants, seeds) -> dict:
+  rows = []
+  metric_names = ["fid", "sfid", "is", "sample_mse_vs_fp"]
+  entries = [("FP (full precision)", workdir / "fp")] + [(name, workdir / slug(name)) for name, _, _ in variants]
+  for name, directory in entries:
+    per_seed = [checkpoint.load_json(directory / f"seed_{s}" / RESULT_FILE) for s in seeds
+                if (directory / f"seed_{s}" / RESULT_FILE).is_file()]
+    row = {"variant": name, "seeds": len(per_seed)}
+    for metric in metric_names:
+      values = [r[metric] for r in per_seed if metric in r]
+      if values:
+        row[metric] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1
+                       else 0.0, "values": values}
+    rows.append(row)
+  q = config.quant
+  header = (f"Ablation on {config.model.path} (W{q.weight_bits}A{q.act_bits} unless named), seeds {list(seeds)}, "
+            f"{config.finetune.num_steps} fine-tuning steps, {config.sampler.kind.upper()} {config.sampler.num_steps} "
+            f"steps, FID on {config.evaluation.num_samples} samples ({config.evaluation.fid_pipeline} pipeline); "
+            "mean +- std over seeds.")
+  lines = [header, "", "| variant | FID | sFID | IS | sample MSE vs FP |", "|---|---|---|---|---|"]
+
+  def cell(row, metric):
+    if metric not in row:
+      return "n/a"
+    return f"{row[metric]['mean']:.4g} +- {row[metric]['std']:.2g}"
+  for row in rows:
+    lines.append(f"| {row['variant']} | {cell(row, 'fid')} | {cell(row, 'sfid')} | {cell(row, 'is')} | "
+                 f"{cell(row, 'sample_mse_vs_fp')} |")
+  text = "\n".join(lines) + "\n"
+  (workdir / "ablation.md").write_text(text)
+  checkpoint.save_json(workdir / "ablation.json", {"header": header, "rows": rows})
+  print(text, flush=True)
+  return {"header": header, "rows": rows}
