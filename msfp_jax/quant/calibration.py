@@ -24,9 +24,8 @@ one unit grid per format serves all maxvals.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable
 
 import jax
 import numpy as np
