@@ -33,7 +33,7 @@ def get_config(arg=None):
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 32
-  config.train.num_steps = 1500
+  config.train.num_steps = 3000
   config.train.learning_rate = 1e-3
   config.train.warmup_steps = 50
   config.train.grad_clip_norm = 1.0

@@ -38,18 +38,23 @@ def nearest_neighbour_l2(images: np.ndarray, reference: np.ndarray) -> float:
   return float(np.sqrt(np.maximum(d2.min(axis=1), 0)).mean())
 
 
-def _fid(images, reference, fid_network) -> float:
-  from msfp_jax.eval import load_inception, statistics_of_uint8_batches
-  from msfp_jax.eval.stats import fid_from_stats
-  inception = load_inception(fid_network)
+class _FID:
+  """FID against one reference set, whose Inception statistics are computed once."""
 
-  def to_uint8(x):
-    x = np.clip((np.asarray(x) + 1) * 127.5, 0, 255).round().astype(np.uint8)
-    return np.repeat(x, 3, axis=-1)
+  def __init__(self, reference, fid_network):
+    from msfp_jax.eval import load_inception
+    self._inception = load_inception(fid_network)
+    self._reference = self._stats(reference)
 
-  stats = [statistics_of_uint8_batches([to_uint8(x)], inception, "pytorch-fid", batch_size=50)
-           for x in (images, reference)]
-  return float(fid_from_stats(*stats))
+  def _stats(self, images):
+    from msfp_jax.eval import statistics_of_uint8_batches
+    x = np.clip((np.asarray(images) + 1) * 127.5, 0, 255).round().astype(np.uint8)
+    return statistics_of_uint8_batches([np.repeat(x, 3, axis=-1)], self._inception, "pytorch-fid",
+                                       batch_size=50)
+
+  def __call__(self, images) -> float:
+    from msfp_jax.eval.stats import fid_from_stats
+    return float(fid_from_stats(self._stats(images), self._reference))
 
 
 def score(samples, train_x, train_y, test_x, test_y, *, fid_network=None, seed: int = 0) -> dict:
@@ -60,6 +65,7 @@ def score(samples, train_x, train_y, test_x, test_y, *, fid_network=None, seed: 
   yardstick = np.asarray(train_x)[np.random.default_rng(seed).permutation(len(train_x))[: len(samples)]]
   result = {"num_images": len(samples), "num_held_out": len(test_x),
             "classifier_held_out_accuracy": float(classifier.score(flat(test_x), test_y))}
+  fid = _FID(test_x, fid_network) if fid_network else None
   for name, images in (("samples", samples), ("train_subset", yardstick)):
     probs = classifier.predict_proba(flat(images))
     counts = np.bincount(probs.argmax(1), minlength=10) / len(images)
@@ -69,8 +75,8 @@ def score(samples, train_x, train_y, test_x, test_y, *, fid_network=None, seed: 
                                                     _without(train_x, images)),
              "classifier_confidence": float(probs.max(1).mean()),
              "classifier_class_perplexity": float(np.exp(-(nz * np.log(nz)).sum()))}
-    if fid_network:
-      entry["fid_vs_held_out"] = _fid(images, test_x, fid_network)
+    if fid is not None:
+      entry["fid_vs_held_out"] = fid(images)
     result[name] = entry
   return result
 
