@@ -1,16 +1,20 @@
 """Resumable, sharded evaluation: sample N images in rounds, score them with FID / sFID / IS.
 
 Each host samples `batch_size` images per round with `sample_fn(rng, batch_size)`, computes their Inception
-features on its devices (the batch split over the "data" mesh axis) as they come, and writes the round's
-partial statistics to `workdir/eval/<name>/round_<host>_<i>.npz` (atomic rename):
-  count, float64 sum and sum of outer products of the pool3 and sFID features, and the round's IS logits.
-A rerun skips the rounds already written (round i's rng is derived from (seed, i, host) alone, so the result
-equals an uninterrupted run's). Host 0 then combines all hosts' rounds and writes `results.json`: the
-scores together with the protocol (model checkpoint hash, sampler, steps, eta, guidance, seed, N, pipeline,
-Inception weights hash, reference statistics hash), `statistics.npz` (usable as a reference later) and
-`samples.png` (a grid of the first samples).
+features on its devices (the batch split over the "data" mesh axis) as they come, and adds them to its one
+running-total file `workdir/eval/<name>/accum_<host>.npz`, rewritten atomically (temporary file, fsync,
+os.replace) after every round: the number of finished rounds and the samples kept in each, the count, the
+float64 sum and sum of outer products of the pool3 and sFID features, and the IS logits so far.
+An interruption loses at most the round in progress; a rerun continues after the last finished round (round
+i's rng is derived from (seed, i, host) alone and the saved float64 totals are exact, so the result is
+bit-identical to an uninterrupted run's). Host 0 then combines all hosts' files and writes `results.json`:
+the scores together with the protocol (model checkpoint hash, sampler, steps, eta, guidance, seed, N,
+pipeline, Inception weights hash, reference statistics hash), `statistics.npz` (usable as a reference
+later) and `samples.png` (a grid of the first samples).
 
-Disk: a round file holds two float64 2048x2048-sized matrices (about 64 MB); prefer large rounds.
+Disk: bounded independently of the number of rounds: per host one accumulator file of two float64
+feature-moment matrices (2048^2 + 2023^2 doubles, about 66 MB) plus the IS logits (N x 1008 float32,
+about 4 KB per sample), and while it is being rewritten one temporary copy of it.
 """
 from __future__ import annotations
 
@@ -43,15 +47,21 @@ def _eval_dir(workdir, name: str) -> pathlib.Path:
   return pathlib.Path(workdir) / "eval" / name
 
 
-def _round_path(directory: pathlib.Path, host: int, index: int) -> pathlib.Path:
-  return directory / f"round_{host}_{index}.npz"
+def _accum_path(directory: pathlib.Path, host: int) -> pathlib.Path:
+  return directory / f"accum_{host}.npz"
 
 
 def _atomic_savez(path: pathlib.Path, **arrays) -> None:
   tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+      f.flush()
+      os.fsync(f.fileno())  # the rename must never expose a file whose data is not on disk yet
+    os.replace(tmp, path)
+  except BaseException:  # an interruption mid-write must not leave a large temporary file behind
+    tmp.unlink(missing_ok=True)
+    raise
 
 
 def _atomic_write_text(path: pathlib.Path, text: str) -> None:
@@ -94,15 +104,82 @@ def _check_protocol(protocol: dict) -> None:
                             f"{list(REQUIRED_PROTOCOL_KEYS)} so it can be reproduced.")
 
 
-def _round_arrays(builder: StatisticsBuilder, keep_logits: bool) -> dict[str, np.ndarray]:
-  if builder.pool3 is None:  # a host's share ran out in the last round: an empty round
-    return {"count": np.asarray(0)}
-  arrays = {"count": np.asarray(builder.pool3.count),
-            "pool3_sum": builder.pool3.total, "pool3_outer": builder.pool3.outer,
-            "spatial_sum": builder.spatial.total, "spatial_outer": builder.spatial.outer}
-  if keep_logits:
-    arrays["logits"] = np.concatenate(builder.logits)
-  return arrays
+class _RunningTotals:
+  """One host's totals over its finished rounds; saved as (and restored from) its accum_<host>.npz."""
+
+  def __init__(self, with_logits: bool):
+    self.with_logits = with_logits
+    self.round_counts: list[int] = []  # samples kept in each finished round, in round order
+    self.pool3: MomentAccumulator | None = None
+    self.spatial: MomentAccumulator | None = None
+    self.logits: list[np.ndarray] = []
+
+  @property
+  def rounds_done(self) -> int:
+    return len(self.round_counts)
+
+  @property
+  def count(self) -> int:
+    return self.pool3.count if self.pool3 is not None else 0
+
+  def add_round(self, builder: StatisticsBuilder) -> None:
+    kept = builder.pool3.count if builder.pool3 is not None else 0
+    if kept:
+      if self.pool3 is None:
+        self.pool3 = MomentAccumulator(builder.pool3.dim)
+        self.spatial = MomentAccumulator(builder.spatial.dim)
+      # The round's moments are summed from zero and then merged, in round order, so the float64 totals
+      # depend only on the rounds, not on where a run was interrupted.
+      self.pool3.merge(builder.pool3)
+      self.spatial.merge(builder.spatial)
+      if self.with_logits:
+        self.logits.append(np.concatenate(builder.logits))
+    self.round_counts.append(kept)
+
+  def all_logits(self) -> np.ndarray:
+    return np.concatenate(self.logits) if self.logits else np.zeros((0, 0), np.float32)
+
+  def save(self, path: pathlib.Path) -> None:
+    arrays = {"rounds_done": np.asarray(self.rounds_done, np.int64),
+              "round_counts": np.asarray(self.round_counts, np.int64),
+              "count": np.asarray(self.count, np.int64), "with_logits": np.asarray(self.with_logits)}
+    if self.pool3 is not None:
+      arrays.update(pool3_sum=self.pool3.total, pool3_outer=self.pool3.outer,
+                    spatial_sum=self.spatial.total, spatial_outer=self.spatial.outer)
+    if self.with_logits:
+      arrays["logits"] = self.all_logits()
+    _atomic_savez(path, **arrays)
+
+  @classmethod
+  def load(cls, path: pathlib.Path) -> "_RunningTotals":
+    try:
+      with np.load(path, allow_pickle=False) as data:
+        totals = cls(bool(data["with_logits"]))
+        totals.round_counts = [int(c) for c in data["round_counts"]]
+        count = int(data["count"])
+        if int(data["rounds_done"]) != len(totals.round_counts) or count != sum(totals.round_counts):
+          raise EvalProtocolError(f"{path} is inconsistent (finished rounds / sample counts disagree); delete "
+                                  "the evaluation folder and rerun.")
+        if count:
+          totals.pool3 = MomentAccumulator(data["pool3_sum"].shape[0], count, data["pool3_sum"],
+                                           data["pool3_outer"])
+          totals.spatial = MomentAccumulator(data["spatial_sum"].shape[0], count, data["spatial_sum"],
+                                             data["spatial_outer"])
+          if totals.with_logits:
+            totals.logits = [data["logits"]]
+    except (OSError, KeyError, ValueError) as e:
+      if isinstance(e, EvalProtocolError):
+        raise
+      raise EvalProtocolError(f"Cannot read the running totals {path} ({e}); delete the evaluation folder and "
+                              "rerun.") from e
+    return totals
+
+
+def _kept_per_round(num_samples: int, batch_size: int, num_hosts: int, host: int, num_rounds: int) -> list[int]:
+  """Samples host `host` keeps in each round: global sample order is (round, host, position in batch)."""
+  per_round = batch_size * num_hosts
+  return [int(np.clip(num_samples - (index * per_round + host * batch_size), 0, batch_size))
+          for index in range(num_rounds)]
 
 
 def evaluate(sample_fn: Callable[[jax.Array, int], Any], num_samples: int, workdir, *, name: str,
@@ -151,12 +228,26 @@ def evaluate(sample_fn: Callable[[jax.Array, int], Any], num_samples: int, workd
   base_rng = jax.random.key(int(protocol["seed"]))
   grid_path = directory / "samples.png"
 
-  for index in range(num_rounds):
-    path = _round_path(directory, host, index)
-    if path.exists():
-      continue  # finished before an interruption
-    offset = index * per_round + host * batch_size
-    keep = int(np.clip(num_samples - offset, 0, batch_size))
+  accum_path = _accum_path(directory, host)
+  for stale in directory.glob(f"{accum_path.name}.tmp*"):  # left by a run killed while writing
+    stale.unlink(missing_ok=True)
+  if any(directory.glob(f"round_{host}_*.npz")):
+    log(f"eval {name}: ignoring per-round files round_{host}_*.npz of an older version of this loop "
+        f"(they can be deleted); the running totals live in {accum_path.name}.")
+  expected_kept = _kept_per_round(num_samples, batch_size, num_hosts, host, num_rounds)
+  if accum_path.exists():
+    totals = _RunningTotals.load(accum_path)
+    if (totals.with_logits != inception.has_logits or totals.rounds_done > num_rounds
+        or totals.round_counts != expected_kept[:totals.rounds_done]):
+      raise EvalProtocolError(f"{accum_path} does not match this evaluation's rounds; use another name or "
+                              "delete the folder.")
+    if totals.rounds_done:
+      log(f"eval {name}: host {host} resumes after {totals.rounds_done}/{num_rounds} finished rounds")
+  else:
+    totals = _RunningTotals(with_logits=inception.has_logits)
+
+  for index in range(totals.rounds_done, num_rounds):
+    keep = expected_kept[index]
     rng = jax.random.fold_in(jax.random.fold_in(base_rng, index), host)
     images = sample_fn(rng, batch_size)
     check_images(images, what="sample_fn's images")
@@ -173,7 +264,8 @@ def evaluate(sample_fn: Callable[[jax.Array, int], Any], num_samples: int, workd
       builder.add(out, keep=keep)
     if host == 0 and index == 0 and grid_size and not grid_path.exists():
       save_image_grid(np.asarray(images)[:min(grid_size, keep or batch_size)], grid_path)
-    _atomic_savez(path, **_round_arrays(builder, inception.has_logits))
+    totals.add_round(builder)
+    totals.save(accum_path)
     log(f"eval {name}: host {host} round {index + 1}/{num_rounds} ({keep} samples kept)")
 
   if num_hosts > 1:
@@ -186,26 +278,41 @@ def evaluate(sample_fn: Callable[[jax.Array, int], Any], num_samples: int, workd
 
 
 def combine_rounds(directory: pathlib.Path, num_hosts: int, num_rounds: int, with_logits: bool):
-  """Merges all hosts' round files: (pool3 moments, spatial moments, logits in (round, host) order or None)."""
+  """Merges all hosts' running totals: (pool3 moments, spatial moments, logits in (round, host) order or None).
+
+  Every host's accum_<host>.npz must hold all `num_rounds` rounds. The logits come back in global sample
+  order (round, then host), as if all hosts' samples had been scored one after another.
+  """
   pool3 = spatial = None
-  logits = []
-  for index in range(num_rounds):
-    for host in range(num_hosts):
-      path = _round_path(directory, host, index)
-      if not path.exists():
-        raise EvalProtocolError(f"Round file {path} is missing: host {host} did not finish round {index}.")
-      with np.load(path) as data:
-        count = int(data["count"])
-        if not count:
-          continue
-        if pool3 is None:
-          pool3 = MomentAccumulator(data["pool3_sum"].shape[0])
-          spatial = MomentAccumulator(data["spatial_sum"].shape[0])
-        pool3.merge(MomentAccumulator(pool3.dim, count, data["pool3_sum"], data["pool3_outer"]))
-        spatial.merge(MomentAccumulator(spatial.dim, count, data["spatial_sum"], data["spatial_outer"]))
-        if with_logits:
-          logits.append(data["logits"])
-  return pool3, spatial, (np.concatenate(logits) if with_logits else None)
+  per_host = []
+  for host in range(num_hosts):
+    path = _accum_path(directory, host)
+    if not path.exists():
+      raise EvalProtocolError(f"Running totals {path} are missing: host {host} did not finish any round.")
+    totals = _RunningTotals.load(path)
+    if totals.rounds_done != num_rounds:
+      raise EvalProtocolError(f"{path} holds {totals.rounds_done} rounds: host {host} did not finish round "
+                              f"{totals.rounds_done} of {num_rounds}.")
+    if totals.with_logits != with_logits:
+      raise EvalProtocolError(f"{path} was written {'with' if totals.with_logits else 'without'} IS logits; "
+                              "delete the evaluation folder and rerun.")
+    if totals.count:
+      if pool3 is None:
+        pool3 = MomentAccumulator(totals.pool3.dim)
+        spatial = MomentAccumulator(totals.spatial.dim)
+      pool3.merge(totals.pool3)
+      spatial.merge(totals.spatial)
+    per_host.append(totals)
+  if not with_logits:
+    return pool3, spatial, None
+  # Split each host's logits back into rounds and interleave them in (round, host) order.
+  chunks = []
+  for host, totals in enumerate(per_host):
+    bounds = np.cumsum(totals.round_counts)[:-1]
+    chunks.append(np.split(totals.all_logits(), bounds) if totals.count else [])
+  logits = [chunks[host][index] for index in range(num_rounds) for host in range(num_hosts)
+            if per_host[host].round_counts[index]]
+  return pool3, spatial, (np.concatenate(logits) if logits else None)
 
 
 def _combine(directory, num_hosts, num_rounds, inception, reference, protocol) -> dict:

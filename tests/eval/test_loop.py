@@ -84,8 +84,11 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, net, reference_
 
   with pytest.raises(KeyboardInterrupt):
     _evaluate(tmp_path / "b", net, reference_stats, sample_fn=failing)
-  rounds = sorted(p.name for p in (tmp_path / "b" / "eval" / "cifar").glob("round_*.npz"))
-  assert rounds == ["round_0_0.npz"]
+  eval_dir = tmp_path / "b" / "eval" / "cifar"
+  # One running-total file per host, holding round 0 only; no per-round files, no leftover temporaries.
+  assert sorted(p.name for p in eval_dir.iterdir()) == ["accum_0.npz", "protocol_0.json", "samples.png"]
+  with np.load(eval_dir / "accum_0.npz") as data:
+    assert int(data["rounds_done"]) == 1 and int(data["count"]) == 4 and data["logits"].shape == (4, 100)
 
   resumed_calls = []
 
@@ -96,10 +99,57 @@ def test_interrupted_then_resumed_equals_uninterrupted(tmp_path, net, reference_
   resumed = _evaluate(tmp_path / "b", net, reference_stats, sample_fn=counting)
   assert len(resumed_calls) == 2  # rounds 1 and 2 only; 10 samples = 4 + 4 + 2
   assert resumed["metrics"] == full["metrics"]
+  assert resumed["statistics_sha256"] == full["statistics_sha256"]
+  assert sorted(p.name for p in eval_dir.iterdir()) == ["accum_0.npz", "protocol_0.json", "results.json",
+                                                       "samples.png", "statistics.npz"]
   for key in ("mu", "sigma", "mu_s", "sigma_s"):
     a = np.load(tmp_path / "a" / "eval" / "cifar" / "statistics.npz")[key]
     b = np.load(tmp_path / "b" / "eval" / "cifar" / "statistics.npz")[key]
     np.testing.assert_array_equal(a, b)
+
+
+def _accum_bytes(workdir):
+  return (workdir / "eval" / "cifar" / "accum_0.npz").stat().st_size
+
+
+def test_disk_use_independent_of_number_of_rounds(tmp_path, net, reference_stats):
+  # The same 12 samples in 6 rounds of 2 and in 2 rounds of 6: the running-total file has the same size
+  # (up to the 8-byte per-round sample counts), so disk use does not grow with the number of rounds.
+  _evaluate(tmp_path / "many", net, reference_stats, num_samples=12, batch_size=2)
+  _evaluate(tmp_path / "few", net, reference_stats, num_samples=12, batch_size=6)
+  many, few = _accum_bytes(tmp_path / "many"), _accum_bytes(tmp_path / "few")
+  assert abs(many - few) <= 8 * 4
+  moments = 8 * (POOL3 * POOL3 + POOL3 + SPATIAL * SPATIAL + SPATIAL)  # one set of float64 moments
+  assert moments + 4 * 12 * 100 <= many < moments + 4 * 12 * 100 + 4096  # + the IS logits + npz headers
+  assert not list((tmp_path / "many" / "eval" / "cifar").glob("round_*"))
+
+
+def test_two_hosts_combined_in_global_sample_order(tmp_path, net, reference_stats, monkeypatch):
+  # Two hosts simulated one after the other in this process (they share the workdir, as on a shared disk).
+  from jax.experimental import multihost_utils
+
+  monkeypatch.setattr(multihost_utils, "sync_global_devices", lambda name: None)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  results = {}
+  for host in (1, 0):  # host 0 combines, so it runs last
+    monkeypatch.setattr(jax, "process_index", lambda host=host: host)
+    results[host] = _evaluate(tmp_path, net, reference_stats, num_samples=11, batch_size=2)
+  assert results[1] is None
+  # Direct: global sample order is (round, host); 11 = 3 rounds x 2 hosts x 2 - 1 (host 1 keeps 1 in round 2).
+  base = jax.random.key(PROTOCOL["seed"])
+  images = jnp.concatenate([_sample_fn(jax.random.fold_in(jax.random.fold_in(base, i), h), 2)
+                            for i in range(3) for h in range(2)])[:11]
+  from msfp_jax.eval.features import make_feature_fn
+  out = jax.tree.map(np.asarray, make_feature_fn(net, "tf")(images))
+  pool3 = out["pool3"].astype(np.float64)
+  expected_fid = frechet_distance(pool3.mean(0), np.cov(pool3, rowvar=False), reference_stats.mu,
+                                  reference_stats.sigma)
+  metrics = results[0]["metrics"]
+  assert metrics["fid"] == pytest.approx(expected_fid, rel=1e-6)
+  # IS splits the logits in order, so this also checks the (round, host) interleaving.
+  assert metrics["inception_score"] == pytest.approx(inception_score(out["logits"], 10)[0], rel=1e-6)
+  assert results[0]["protocol"]["num_hosts"] == 2
+  assert sorted(p.name for p in (tmp_path / "eval" / "cifar").glob("accum_*")) == ["accum_0.npz", "accum_1.npz"]
 
 
 def test_scores_and_protocol_against_direct_computation(tmp_path, net, reference_stats):
