@@ -57,13 +57,13 @@ def _key_name(key) -> str:
 
 def quant_leaf_group(path_names: tuple[str, ...]) -> str:
   """Group of a QuantState leaf from its field names: weight_* / act_* maxvals and zero points."""
-  last = path_names[-1] if path_names else ""
   for name in reversed(path_names):
-    if name.startswith("weight_") and name.endswith(("maxval", "zero_point")):
+    if not name.endswith(("maxval", "zero_point")):
+      continue
+    if name.startswith("weight_"):
       return "weight_scale"
-    if name.startswith("act_") and name.endswith(("maxval", "zero_point")):
+    if name.startswith(("act_", "rhs_act_")):  # rhs_act_*: the second operand of an attention matmul
       return "act_quant"
-  del last
   return "frozen"
 
 

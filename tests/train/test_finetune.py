@@ -120,7 +120,7 @@ def test_resume_with_another_config_names_the_fields(reference_run, tiny_model_d
 
 
 def test_nan_loss_stops_with_step_and_last_good_checkpoint(tiny_model_dir, tmp_path):
-  config = _config(tiny_model_dir, **{"finetune.lr.lora": 1e30, "finetune.checkpoint_every": 1,
+  config = _config(tiny_model_dir, **{"finetune.lr.lora": float("inf"), "finetune.checkpoint_every": 1,
                                       "finetune.num_steps": 6})
   with pytest.raises(finetune_lib.TrainingDivergedError, match=r"at step (\d+); the last good checkpoint is step"):
     finetune_lib.finetune(config, tmp_path)
