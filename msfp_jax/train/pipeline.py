@@ -57,16 +57,21 @@ def load_model(config) -> ModelBundle:
   inputs = model.example_inputs(1)
   takes_labels = len(inputs) > 2
   num_classes = int(config.model.num_classes)
+  null_label = int(config.model.null_label)
+  # Converted CompVis models record their class conditioning (cin256: 1000 classes, null class 1000).
+  conditioning = meta.get("conditioning") or {}
   if takes_labels and num_classes <= 0:
-    model_classes = meta.get("config", {}).get("num_classes")
+    model_classes = meta.get("config", {}).get("num_classes") or conditioning.get("num_classes")
     if not model_classes:
       raise ValueError(f"The model at {path} is class-conditional: set config.model.num_classes.")
     num_classes = int(model_classes)
+  if takes_labels and null_label < 0 and conditioning.get("null_class") is not None:
+    null_label = int(conditioning["null_class"])
   if not takes_labels and num_classes > 0:
     raise ValueError(f"config.model.num_classes = {num_classes}, but the model at {path} is unconditional; "
                      "set config.model.num_classes = 0.")
   return ModelBundle(model=model, variables=variables, meta=meta, sample_shape=tuple(inputs[0].shape[1:]),
-                     num_classes=num_classes, null_label=int(config.model.null_label),
+                     num_classes=num_classes, null_label=null_label,
                      guidance_scale=float(config.sampler.guidance_scale))
 
 
