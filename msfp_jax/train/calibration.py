@@ -18,6 +18,7 @@ from msfp_jax import parallel
 
 CALIBRATION_DIR = "calibration"
 SUMMARY_FILE = "calibration_summary.json"
+REPORT_DIR = "quant_report"
 
 
 def has_calibration(workdir) -> bool:
@@ -77,10 +78,13 @@ def run_calibration(config, workdir, *, bundle: pipeline.ModelBundle | None = No
   qconfig = pipeline.quant_config_from(config)
   logging.info("Calibrating %s at W%dA%d (%s, sign mode %s)", config.model.path, qconfig.weight_bits,
                qconfig.act_bits, qconfig.kind, qconfig.sign_mode)
-  qstate = quant.calibrate(bundle.model, bundle.variables, calibration_batches(config, bundle, mesh), qconfig)
+  qstate, statistics = quant.calibrate(bundle.model, bundle.variables, calibration_batches(config, bundle, mesh),
+                                       qconfig, return_statistics=True)
   # orbax coordinates multi-process saves: every process calls it (only the primary writes).
   quant.save_quant_state(workdir / CALIBRATION_DIR, qstate)
   if jax.process_index() == 0:
+    # The per-layer table (formats, maxvals, zero points, MSE) and activation histograms with the chosen grids.
+    quant.write_report(workdir / REPORT_DIR, qstate, statistics)
     checkpoint.save_json(workdir / SUMMARY_FILE, {
         "model": str(config.model.path), "quant_config": qconfig.to_dict(),
         "num_layers": len(qstate.layers), "unquantized": list(qstate.unquantized),
