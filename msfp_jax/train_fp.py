@@ -90,6 +90,33 @@ def _make_train_step(model, tx, schedule, config):
   return train_step
 
 
+# Jitted (initial_state, train_step) per training setup, so repeated runs in one process (a resumed run,
+# tests) trace them once.
+_COMPILED: dict[str, tuple] = {}
+
+
+def _compiled_functions(config):
+  resumable = _resumable(config.to_dict())
+  key = json.dumps({k: resumable[k] for k in ("model", "schedule", "train")}, sort_keys=True)
+  if key not in _COMPILED:
+    model, _ = build_model(config.model.architecture, config.model.config.to_dict())
+    schedule = make_schedule(**config.schedule.to_dict())
+    lr = optax.join_schedules(
+        [optax.linear_schedule(0.0, config.train.learning_rate, config.train.warmup_steps),
+         optax.constant_schedule(config.train.learning_rate)], [config.train.warmup_steps])
+    tx = optax.chain(optax.clip_by_global_norm(config.train.grad_clip_norm), optax.adam(lr))
+
+    @jax.jit
+    def initial_state(rng):
+      # One jitted function: eager init would compile every op of the model separately.
+      params = model.init(rng, *model.example_inputs(1))["params"]
+      return {"step": jnp.asarray(0, jnp.int32), "params": params,
+              "ema_params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params)}
+
+    _COMPILED[key] = (initial_state, _make_train_step(model, tx, schedule, config))
+  return _COMPILED[key]
+
+
 def _resumable(config_dict: dict) -> dict:
   """The parts of a config that must match to resume: all but the step budget, logging cadence and
   where the data lives. Normalized through JSON (the saved config comes back with lists for tuples)."""
@@ -112,13 +139,9 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
 
   base_rng = jax.random.key(config.seed)
   init_rng, train_rng, sample_rng = jax.random.split(base_rng, 3)
-  params = model.init(init_rng, *model.example_inputs(1))["params"]
-  lr = optax.join_schedules(
-      [optax.linear_schedule(0.0, config.train.learning_rate, config.train.warmup_steps),
-       optax.constant_schedule(config.train.learning_rate)], [config.train.warmup_steps])
-  tx = optax.chain(optax.clip_by_global_norm(config.train.grad_clip_norm), optax.adam(lr))
-  state = {"step": jnp.asarray(0, jnp.int32), "params": params,
-           "ema_params": jax.tree.map(jnp.copy, params), "opt_state": tx.init(params)}
+  initial_state, train_step = _compiled_functions(config)
+  state = initial_state(init_rng)
+  params = state["params"]
 
   manager = checkpoint.CheckpointManager(workdir / "checkpoints", max_to_keep=2)
   latest = manager.latest_step()
@@ -138,7 +161,6 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   if latest is None:
     writer.write_hparams({"num_params": num_params, "batch_size": config.train.batch_size,
                           "num_steps": config.train.num_steps})
-  train_step = _make_train_step(model, tx, schedule, config)
   num_steps = config.train.num_steps
   report = metrics.progress(num_steps, writer, name="train_fp")
   start_step = int(state["step"])
