@@ -92,6 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.evaluation.num_samples = 50000
   config.evaluation.batch_size = 500
   config.evaluation.reference = ""
+  config.evaluation.max_reference_images = 0  # > 0: only the first N reference images (0: all)
   config.evaluation.samples_per_class = 0  # > 0: class-balanced labels (ImageNet: 50 per class)
   config.evaluation.fid_pipeline = "tf"    # TF / ADM evaluator resize and normalisation
   config.evaluation.metrics = ("fid", "sfid", "is")

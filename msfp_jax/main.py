@@ -131,6 +131,15 @@ def run(config, workdir, mode: str) -> None:
       checkpoint.save_json(timings_path, timings)
 
 
+def _enable_compilation_cache() -> None:
+  """JAX's persistent compilation cache: a rerun or a resumed job skips most compile time (about 4x on CPU)."""
+  import os
+  import jax
+  directory = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(pathlib.Path.home() / ".cache" / "msfp_jax" / "jax"))
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
@@ -139,6 +148,7 @@ def main(argv) -> None:
     raise app.UsageError("--workdir is required, e.g. --workdir=runs/default.")
   if _MODE.value not in MODES and _MODE.value not in ("all", "ablation"):
     raise app.UsageError(f"Unknown --mode={_MODE.value!r}; choose one of {sorted(MODES) + ['all']}.")
+  _enable_compilation_cache()
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax and clu log every save at INFO; progress is printed
   from msfp_jax.train import distributed

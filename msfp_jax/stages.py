@@ -267,12 +267,16 @@ def reference_statistics(config, workdir: pathlib.Path, inception):
     cache = workdir / "reference_stats.npz"
     if not cache.is_file():
       images, _ = digits.load_split("train")
+      if int(config.evaluation.max_reference_images) > 0:
+        images = images[:int(config.evaluation.max_reference_images)]
       images = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
       stats = eval_lib.statistics_of_uint8_batches(
           (images[i:i + 100] for i in range(0, len(images), 100)), inception, pipeline_name)
       stats.save(cache)
-    return eval_lib.statistics_from_npz(cache), "digits16 train split (1497 images, msfp_jax.data.digits)"
-  stats = eval_lib.load_or_compute_statistics(reference, inception=inception, pipeline=pipeline_name)
+    count = int(config.evaluation.max_reference_images) or 1497
+    return eval_lib.statistics_from_npz(cache), f"digits16 train split, first {min(count, 1497)} images"
+  stats = eval_lib.load_or_compute_statistics(reference, inception=inception, pipeline=pipeline_name,
+                                              max_examples=int(config.evaluation.max_reference_images) or None)
   return stats, reference
 
 
