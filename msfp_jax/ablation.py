@@ -89,8 +89,9 @@ def run_ablation(config, workdir) -> dict:
     from msfp_jax import eval as eval_lib
     inception = eval_lib.load_inception(path)
   else:
-    print("Ablation: the FID network file is absent, so only sample MSE vs FP is reported. Fetch it with "
-          "`bash launch/fetch_fid_network.sh`.", flush=True)
+    why = "config.evaluation.inception is empty" if path is None else f"the FID network file {path} is absent"
+    print(f"Ablation: {why}, so only sample MSE vs FP is reported (fetch the network with "
+          "`bash launch/fetch_fid_network.sh`).", flush=True)
   writer = metrics.create_writer(workdir, jsonl_name=None)
   report = metrics.progress(len(variants) * len(seeds), writer, every_secs=0, name="ablation")
   done = 0
