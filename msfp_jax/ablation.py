@@ -68,7 +68,9 @@ def _score(models, name: str, config, workdir: pathlib.Path, fp_images: np.ndarr
     scores = eval_lib.evaluate(models.sample_fn(name), int(config.evaluation.num_samples), workdir, name=name,
                                batch_size=int(config.evaluation.batch_size), inception=inception,
                                reference=reference, pipeline=config.evaluation.fid_pipeline, protocol=protocol)
-    result.update({k: scores[k] for k in ("fid", "sfid", "is") if k in scores})
+    found = scores.get("metrics", {})
+    result.update({key: found[metric] for key, metric in (("fid", "fid"), ("sfid", "sfid"), ("is", "inception_score"))
+                   if found.get(metric) is not None})
   return result
 
 

@@ -124,10 +124,10 @@ def run(config, workdir, mode: str) -> None:
     start = time.time()
     print(f"== stage {stage} ==", flush=True)
     MODES[stage](config, workdir)
-    if _is_lead_process():
+    if _is_lead_process() and stage != "report":
+      # Stage times accumulate over resumed runs (a skipped stage adds ~0), so they count the work done.
       timings = checkpoint.load_json(timings_path) if timings_path.is_file() else {}
-      if stage != "report":
-        timings[stage] = round(time.time() - start, 2)
+      timings[stage] = round(timings.get(stage, 0.0) + time.time() - start, 2)
       checkpoint.save_json(timings_path, timings)
 
 
@@ -153,7 +153,14 @@ def main(argv) -> None:
     logging.set_verbosity(logging.WARNING)  # orbax and clu log every save at INFO; progress is printed
   from msfp_jax.train import distributed
   distributed.maybe_initialize(config.get("distributed"))
-  run(config, _WORKDIR.value, _MODE.value)
+  try:
+    run(config, _WORKDIR.value, _MODE.value)
+  except (FileNotFoundError, ValueError) as e:
+    # Bad input (a missing file or stage result, a value out of range, a mismatched workdir): one clear line,
+    # not a traceback from deep inside the library. --verbosity=1 shows the traceback.
+    if flags.FLAGS["verbosity"].present:
+      raise
+    raise app.UsageError(f"{type(e).__name__}: {e}") from None
 
 
 if __name__ == "__main__":

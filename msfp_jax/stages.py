@@ -413,9 +413,11 @@ def run_report(config, workdir) -> dict:
       entry["sample_mse_vs_fp"] = samples["sample_mse_vs_fp"][name]
     scores = evals.get(name) if isinstance(evals, dict) else None
     if scores:
-      for metric in ("fid", "sfid", "is", "is_std"):
-        if metric in scores:
-          entry[metric] = scores[metric]
+      found = scores.get("metrics", {})
+      for key, metric in (("fid", "fid"), ("sfid", "sfid"), ("is", "inception_score"),
+                          ("is_std", "inception_score_std")):
+        if found.get(metric) is not None:
+          entry[key] = found[metric]
       entry["protocol"] = scores.get("protocol")
     elif "skipped" in evals:
       entry["scores"] = evals["skipped"]
