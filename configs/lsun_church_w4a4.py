@@ -1,8 +1,6 @@
 """lsun_church at W4A4: MSFP (mixup-sign FP) + TALoRA (K=4) + DFA.
 
-LSUN Church 256: LDM-8 (KL-f8), DDIM 400 steps (Q-Diffusion used 500), eta 0;
-50k samples against LSUN Church statistics.
-Evaluation protocol (method.md section 8) pinned below; the first stage and class embedding stay FP.
+Protocol: see configs/lsun_church.py.
 
 Launch (after converting the public checkpoint: python -m msfp_jax.convert SRC checkpoints/ldm8_lsun_church):
   python -m msfp_jax.main --config=configs/lsun_church_w4a4.py --workdir=runs/lsun_church_w4a4
@@ -10,23 +8,9 @@ Laptop-sized smoke run of the same pipeline:
   python -m msfp_jax.main --config=configs/lsun_church_w4a4.py:runlocal --workdir=/tmp/lsun_church_w4a4_local
 """
 from configs import common
-from configs import ldm_defaults as defaults
+from configs import lsun_church
 
 
 def get_config(arg=None):
   args = common.parse_arg(arg, runlocal=False)
-  config = defaults.get_config()
-  config.model.path = "checkpoints/ldm8_lsun_church"
-  config.quant.weight_bits = 4
-  config.quant.act_bits = 4
-  config.schedule.beta_start = 0.0015
-  config.schedule.beta_end = 0.0155  # LDM-8 church config
-  config.sampler.num_steps = 400
-  config.sampler.eta = 0.0
-  config.sampler.skip = "uniform"
-  config.evaluation.benchmark = "lsun_church"
-  config.evaluation.num_samples = 50000
-  config.evaluation.reference = "reference_stats/lsun_church.npz"  # LSUN Church statistics
-  if args.runlocal:
-    common.apply_runlocal(config)
-  return config
+  return lsun_church.benchmark_config(weight_bits=4, act_bits=4, runlocal=args.runlocal)
