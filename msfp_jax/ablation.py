@@ -156,8 +156,9 @@ def summarize(config, workdir: pathlib.Path, variants, seeds) -> dict:
   q = config.quant
   header = (f"Ablation on {config.model.path} (W{q.weight_bits}A{q.act_bits} unless named), seeds {list(seeds)}, "
             f"{config.finetune.num_steps} fine-tuning steps, {config.sampler.kind.upper()} {config.sampler.num_steps} "
-            f"steps, FID on {config.evaluation.num_samples} samples ({config.evaluation.fid_pipeline} pipeline); "
-            "mean +- std over seeds.")
+            + (f"steps, FID on {config.evaluation.num_samples} samples ({config.evaluation.fid_pipeline} pipeline)"
+               if any("fid" in row for row in rows) else "steps, no FID (FID network not configured)")
+            + "; sample MSE vs FP on the sample grid's images; mean +- std over seeds.")
   lines = [header, "", "| variant | FID | sFID | IS | sample MSE vs FP |", "|---|---|---|---|---|"]
 
   def cell(row, metric):
