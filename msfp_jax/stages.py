@@ -28,6 +28,7 @@ from msfp_jax import checkpoint
 from msfp_jax import diffusion
 from msfp_jax import lora
 from msfp_jax import quant
+from msfp_jax.eval.inception_weights import file_sha256
 from msfp_jax.lora import factors as lora_factors
 from msfp_jax.train import calibration as calibration_stage
 from msfp_jax.train import finetune as finetune_stage
@@ -230,21 +231,13 @@ def run_sample(config, workdir, models: Models | None = None) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ eval stage
-def _file_sha256(path: pathlib.Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def model_checkpoint_sha256(config) -> str:
   """A hash of the FP model directory's files (the protocol names the exact weights scored)."""
   directory = pipeline.model_dir(config.model.path)
   digest = hashlib.sha256()
   for path in sorted(p for p in directory.rglob("*") if p.is_file()):
     digest.update(str(path.relative_to(directory)).encode())
-    digest.update(_file_sha256(path).encode())
+    digest.update(file_sha256(path).encode())
   return digest.hexdigest()
 
 

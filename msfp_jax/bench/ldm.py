@@ -19,15 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from msfp_jax.bench.timing import median_seconds as _median_seconds
 
-def _median_seconds(fn, repeats: int) -> float:
-  fn()  # warm-up (and compilation for JAX)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def _random_params(shapes, seed: int):

@@ -9,8 +9,6 @@ Goal: W4A4 / FP <= 1.10x.
 from __future__ import annotations
 
 import argparse
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,17 +17,8 @@ from msfp_jax import diffusion
 from msfp_jax import lora
 from msfp_jax import quant
 from msfp_jax.models import DDPMUNet, DDPMUNetConfig, preset
+from msfp_jax.bench.timing import median_seconds as _time
 from msfp_jax.train import pipeline
-
-
-def _time(fn, repeats: int) -> float:
-  fn()  # compile + warm up
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def run(argv: list[str] | None = None) -> dict:

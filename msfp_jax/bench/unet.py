@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from msfp_jax.bench.timing import median_seconds as _median_seconds
 
 # google/ddpm-cifar10-32's UNet2DModel configuration (docs/checkpoints.md).
 CIFAR10_DIFFUSERS_CONFIG = dict(
@@ -25,15 +26,6 @@ CIFAR10_DIFFUSERS_CONFIG = dict(
     layers_per_block=2, mid_block_scale_factor=1, downsample_padding=0, act_fn="silu", attention_head_dim=None,
     norm_num_groups=32, norm_eps=1e-6, resnet_time_scale_shift="default", add_attention=True, dropout=0.1)
 
-
-def _median_seconds(fn, repeats: int) -> float:
-  fn()  # warm-up (and compilation for JAX)
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
 
 
 def run(argv: list[str] | None = None) -> dict:
