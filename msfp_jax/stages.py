@@ -332,7 +332,9 @@ def run_export(config, workdir, models: Models | None = None) -> dict:
   talora_config = result.talora_config
   merged = [merge_bank(bundle.variables, BankUpdate(result.params, talora_config, k))
             for k in range(talora_config.num_banks)]
-  bank_of_timestep = lora.allocation(result.params["router"], talora_config.router).astype(np.int32)
+  # A bank index per timestep (1000 of them): one byte each while the banks fit in one.
+  bank_of_timestep = lora.allocation(result.params["router"], talora_config.router).astype(
+      np.uint8 if talora_config.num_banks <= 255 else np.int32)
   path = workdir / EXPORT_FILE
   sizes = packed.export_packed(path, merged, result.qstate, extra_arrays={"bank_of_timestep": bank_of_timestep},
                                metadata={"model": str(config.model.path), "architecture": bundle.meta.get(
@@ -377,7 +379,9 @@ def merge_bank(variables, update: BankUpdate):
 def sample_from_packed(loaded, bundle: pipeline.ModelBundle, schedule, sampler_config, x_T, labels, rng):
   """Samples from a packed model file (banks picked per step by its bank_of_timestep table)."""
   stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *loaded.variables_per_bank)
-  table = jnp.asarray(loaded.extra["bank_of_timestep"]) if "bank_of_timestep" in loaded.extra else None
+  # The file stores uint8 while the banks fit in a byte; index with int32 as QuantizedSampler does.
+  table = (jnp.asarray(loaded.extra["bank_of_timestep"], jnp.int32) if "bank_of_timestep" in loaded.extra
+           else None)
   qstate, model = loaded.qstate, bundle.model
 
   def apply(x, t, *label):

@@ -1,16 +1,21 @@
 """A quantized model as one packed file: n-bit codes per quantized kernel, everything else in float32.
 
-Layout (one uncompressed .npz, readable with numpy alone):
-  "metadata.json"                  uint8 bytes of a JSON document: format version, the quantization state's
-                                   metadata (formats, paths), per-layer code counts and kernel shapes, the
-                                   number of weight sets ("banks"), and the caller's metadata
-  "quant/<layer key>/<field>"     the QuantState arrays (per-channel weight maxvals and zero points,
-                                   activation maxvals and zero points), float32
-  "bank<k>/<layer key>"           the packed codes of that layer's kernel in weight set k (two 4-bit codes
-                                   per byte), one set per TALoRA bank (1 for plain PTQ)
-  "float/<param path>"             every parameter that is not a quantized kernel (biases, norms, layers the
-                                   rules keep in full precision), shared by all banks
-  "extra/<name>"                   arrays the caller adds (e.g. the router's bank per timestep)
+Layout (one .npz, readable with numpy alone). A few large entries rather than one per array: a zip + .npy
+header costs ~250 bytes an entry, which for a model of many narrow layers outweighs its biases. Entries are
+deflated (np.savez_compressed): FP codes are far from uniformly distributed and the JSON repeats its keys, which
+takes the built-in model's one-bank file from 0.158x to 0.136x of the FP checkpoint.
+  "metadata.json"   uint8 bytes of a JSON document: format version, the quantization state's metadata
+                    (formats, paths), per quantized layer its kernel shape, bits and byte range in the
+                    code blobs, per float32 array its name, offset and shape, the number of weight sets
+                    ("banks"), and the caller's metadata
+  "codes/bank<k>"   uint8: the packed codes of every quantized kernel of weight set k, layer after layer
+                    (two 4-bit codes per byte, packed per layer, so each layer starts on a byte); one set
+                    per TALoRA bank (1 for plain PTQ), all with the same layout
+  "float32"         float32: every parameter that is not a quantized kernel (biases, norms, layers the rules
+                    keep in full precision; shared by all banks), then the QuantState arrays (per-channel
+                    weight maxvals and zero points, activation maxvals and zero points)
+  "other/<path>"    parameters that are not floats (if any), as they are
+  "extra/<name>"    arrays the caller adds (e.g. the router's bank per timestep)
 
 `decode(encode(x))` equals `fake_quant(x)` bit for bit, so the kernels `load_packed` decodes are exactly
 the fake-quantized kernels and a model run from the packed file computes what the fake-quantized one does.
@@ -18,7 +23,6 @@ the fake-quantized kernels and a model run from the packed file computes what th
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import pathlib
@@ -30,7 +34,7 @@ import numpy as np
 from msfp_jax.quant import export
 from msfp_jax.quant.state import QuantState
 
-PACKED_FORMAT_VERSION = 1
+PACKED_FORMAT_VERSION = 2
 
 
 class PackedModelError(ValueError):
@@ -61,6 +65,10 @@ def _kernel_path(layer_path: str, collection: str = "params") -> tuple[str, ...]
   return (collection, *layer_path.split("/"), "kernel")
 
 
+def _concat(pieces: Sequence[np.ndarray], dtype) -> np.ndarray:
+  return np.concatenate([p.reshape(-1) for p in pieces]) if pieces else np.zeros(0, dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class PackedModel:
   """What `load_packed` returns: one decoded variables tree per bank, the quantization state, extras."""
@@ -84,10 +92,10 @@ def export_packed(path: str | os.PathLike, variables_per_bank: Sequence[Mapping[
   flats = [_flatten(jax.tree.map(np.asarray, dict(v))) for v in variables_per_bank]
   quantized = {p: layer for p, layer in qstate.layers.items() if layer.weight_format is not None}
   state_dict = qstate.to_dict()
-  key_of = {m["path"]: m["key"] for m in state_dict["metadata"]["layers"]}
   arrays: dict[str, np.ndarray] = {}
   layer_meta = {}
-  code_bytes = 0
+  bank_codes: list[list[np.ndarray]] = [[] for _ in flats]
+  offset = 0
   for layer_path, layer in quantized.items():
     kernel_key = _kernel_path(layer_path)
     if kernel_key not in flats[0]:
@@ -97,13 +105,21 @@ def export_packed(path: str | os.PathLike, variables_per_bank: Sequence[Mapping[
     zero_point = 0.0 if layer.weight_zero_point is None else np.asarray(layer.weight_zero_point)
     for k, flat in enumerate(flats):
       codes = export.encode(flat[kernel_key], layer.weight_format, np.asarray(layer.weight_maxval), zero_point)
-      packed = export.pack_codes(codes, layer.weight_format.bits)
-      arrays[f"bank{k}/{key_of[layer_path]}"] = packed
-      code_bytes += packed.nbytes
-    layer_meta[layer_path] = {"key": key_of[layer_path], "shape": list(shape), "bits": layer.weight_format.bits,
-                              "format_id": layer.weight_format.format_id}
+      bank_codes[k].append(export.pack_codes(codes, layer.weight_format.bits))
+    nbytes = bank_codes[0][-1].nbytes
+    layer_meta[layer_path] = {"shape": list(shape), "bits": layer.weight_format.bits,
+                              "format_id": layer.weight_format.format_id, "offset": offset, "nbytes": nbytes}
+    offset += nbytes
+  for k, pieces in enumerate(bank_codes):
+    arrays[f"codes/bank{k}"] = _concat(pieces, np.uint8)
   quantized_keys = {_kernel_path(p) for p in quantized}
-  float_bytes = 0
+  floats, other = [], []
+  float_index: dict[str, list] = {"params": [], "quant": []}  # [name, offset, shape]: lists keep the JSON short
+
+  def add_float(kind: str, name: str, value: np.ndarray) -> None:
+    float_index[kind].append([name, sum(f.size for f in floats), list(np.shape(value))])
+    floats.append(np.asarray(value, np.float32))
+
   for key, value in flats[0].items():
     if key in quantized_keys:
       continue
@@ -111,26 +127,30 @@ def export_packed(path: str | os.PathLike, variables_per_bank: Sequence[Mapping[
       if key not in flat or not np.array_equal(flat[key], value):
         raise PackedModelError(f"Weight set {k} differs from set 0 at {'/'.join(key)}, which is not a quantized "
                                "kernel: banks may only differ in quantized kernels.")
-    arrays["float/" + "/".join(key)] = np.asarray(value, np.float32) if value.dtype.kind == "f" else value
-    float_bytes += arrays["float/" + "/".join(key)].nbytes
+    if value.dtype.kind == "f":
+      add_float("params", "/".join(key), value)
+    else:
+      other.append("/".join(key))
+      arrays["other/" + other[-1]] = value
   for layer_key, leaves in state_dict["arrays"].items():
     for field, value in leaves.items():
-      arrays[f"quant/{layer_key}/{field}"] = np.asarray(value, np.float32)
-      float_bytes += value.nbytes
+      add_float("quant", f"{layer_key}/{field}", value)
+  arrays["float32"] = _concat(floats, np.float32)
   for name, value in (extra_arrays or {}).items():
     arrays[f"extra/{name}"] = np.asarray(value)
   document = {"version": PACKED_FORMAT_VERSION, "num_banks": len(flats), "quant_state": state_dict["metadata"],
-              "layers": layer_meta, "metadata": dict(metadata or {})}
-  arrays["metadata.json"] = np.frombuffer(json.dumps(document).encode(), np.uint8)
+              "layers": layer_meta, "float32": float_index, "other": other, "metadata": dict(metadata or {})}
+  arrays["metadata.json"] = np.frombuffer(json.dumps(document, separators=(",", ":")).encode(), np.uint8)
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
-  with open(tmp, "wb") as f:  # np.savez on a file object keeps the exact name (no ".npz" appended)
-    np.savez(f, **arrays)
+  with open(tmp, "wb") as f:  # np.savez_* on a file object keeps the exact name (no ".npz" appended)
+    np.savez_compressed(f, **arrays)
   os.replace(tmp, path)
   float32_equivalent = sum(int(np.prod(v.shape)) * 4 for v in flats[0].values())
-  return {"file": path.stat().st_size, "float32_equivalent": float32_equivalent, "codes": code_bytes,
-          "float": float_bytes}
+  float_bytes = arrays["float32"].nbytes + sum(arrays["other/" + name].nbytes for name in other)
+  return {"file": path.stat().st_size, "float32_equivalent": float32_equivalent,
+          "codes": sum(arrays[f"codes/bank{k}"].nbytes for k in range(len(flats))), "float": float_bytes}
 
 
 def load_packed(path: str | os.PathLike) -> PackedModel:
@@ -149,25 +169,32 @@ def load_packed(path: str | os.PathLike) -> PackedModel:
   if document.get("version") != PACKED_FORMAT_VERSION:
     raise PackedModelError(f"{path}: packed format version {document.get('version')} is not supported "
                            f"(this msfp_jax reads version {PACKED_FORMAT_VERSION}).")
+  missing = [name for name in ("float32", *(f"codes/bank{k}" for k in range(document["num_banks"])),
+                                *("other/" + name for name in document["other"])) if name not in arrays]
+  if missing:
+    raise PackedModelError(f"{path} lacks the entries {missing}: the file is truncated or not written by "
+                           "export_packed.")
+  blob = arrays["float32"]
   quant_arrays: dict[str, dict[str, np.ndarray]] = {}
-  float_flat, extra = {}, {}
-  for name, value in arrays.items():
-    head, _, rest = name.partition("/")
-    if head == "quant":
-      layer_key, _, field = rest.partition("/")
-      quant_arrays.setdefault(layer_key, {})[field] = value
-    elif head == "float":
-      float_flat[tuple(rest.split("/"))] = value
-    elif head == "extra":
-      extra[rest] = value
+  float_flat = {tuple(name.split("/")): arrays["other/" + name] for name in document["other"]}
+  for kind, entries in document["float32"].items():
+    for name, offset, shape in entries:
+      value = blob[offset:offset + int(np.prod(shape))].reshape(shape)
+      if kind == "params":
+        float_flat[tuple(name.split("/"))] = value
+      else:
+        layer_key, _, field = name.partition("/")
+        quant_arrays.setdefault(layer_key, {})[field] = value
+  extra = {name.partition("/")[2]: value for name, value in arrays.items() if name.startswith("extra/")}
   qstate = QuantState.from_dict({"metadata": document["quant_state"], "arrays": quant_arrays})
   variables_per_bank = []
   for k in range(document["num_banks"]):
+    codes_blob = arrays[f"codes/bank{k}"]
     flat = dict(float_flat)
     for layer_path, info in document["layers"].items():
       layer = qstate.layers[layer_path]
-      count = int(np.prod(info["shape"]))
-      codes = export.unpack_codes(arrays[f"bank{k}/{info['key']}"], info["bits"], count).reshape(info["shape"])
+      packed = codes_blob[info["offset"]:info["offset"] + info["nbytes"]]
+      codes = export.unpack_codes(packed, info["bits"], int(np.prod(info["shape"]))).reshape(info["shape"])
       zero_point = 0.0 if layer.weight_zero_point is None else np.asarray(layer.weight_zero_point)
       flat[_kernel_path(layer_path)] = export.decode(codes, layer.weight_format, np.asarray(layer.weight_maxval),
                                                      zero_point)

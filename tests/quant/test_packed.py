@@ -1,4 +1,7 @@
 """The packed model file: codes decode to exactly the fake-quantized kernels, and it is small."""
+import json
+import zipfile
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,6 +21,17 @@ class ConvNet(nn.Module):
     x = nn.Conv(256, (3, 3), name="conv_b")(x)
     x = nn.silu(x).mean(axis=(1, 2))
     return nn.Dense(16, name="head")(x)
+
+
+class NarrowNet(nn.Module):
+  """Many narrow layers, where per-entry file overhead would dominate (a small UNet has ~65 such layers)."""
+  num_layers: int = 20
+
+  @nn.compact
+  def __call__(self, x):
+    for i in range(self.num_layers):
+      x = nn.silu(nn.Dense(64, name=f"dense_{i}")(x))
+    return x
 
 
 @pytest.fixture(scope="module")
@@ -79,3 +93,69 @@ def test_bad_files_give_one_clear_error(tmp_path):
   (tmp_path / "junk.npz").write_bytes(b"not a zip")
   with pytest.raises(packed.PackedModelError, match="not a packed msfp_jax model"):
     packed.load_packed(tmp_path / "junk.npz")
+
+
+@pytest.fixture(scope="module")
+def narrow():
+  model = NarrowNet()
+  x = jax.random.normal(jax.random.key(0), (8, 64))
+  variables = model.init(jax.random.key(1), x)
+  return variables, calibrate(model, variables, [(x,)], QuantConfig(weight_bits=4, act_bits=4))
+
+
+def test_entry_count_does_not_grow_with_layers(narrow, tmp_path):
+  variables, qstate = narrow
+  banks = [variables, _with_delta(variables, 3), _with_delta(variables, 4)]
+  packed.export_packed(tmp_path / "m.npz", banks, qstate, extra_arrays={"bank_of_timestep": np.zeros(10, np.uint8)})
+  with zipfile.ZipFile(tmp_path / "m.npz") as archive:
+    names = sorted(name.removesuffix(".npy") for name in archive.namelist())
+  # metadata.json + one code blob per bank + one float32 blob + the extras, for any number of layers.
+  assert names == ["codes/bank0", "codes/bank1", "codes/bank2", "extra/bank_of_timestep", "float32", "metadata.json"]
+  loaded = packed.load_packed(tmp_path / "m.npz")
+  assert loaded.extra["bank_of_timestep"].dtype == np.uint8
+  for bank, decoded in zip(banks, loaded.variables_per_bank):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+                 prequantize_weights(bank, qstate), decoded)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), qstate, loaded.qstate)
+
+
+def test_many_narrow_layers_stay_small(narrow, tmp_path):
+  variables, qstate = narrow
+  sizes = packed.export_packed(tmp_path / "one_bank.npz", [variables], qstate)
+  kernels = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(variables) if path[-1].key == "kernel"]
+  num_params = sum(np.size(leaf) for leaf in jax.tree.leaves(variables))
+  num_kernel = sum(np.size(k) for k in kernels)
+  num_qstate = sum(np.size(leaf) for leaf in jax.tree.leaves(qstate))
+  assert sizes["codes"] == num_kernel // 2  # two 4-bit codes a byte, no per-layer padding (even sizes)
+  assert sizes["float"] == 4 * (num_params - num_kernel + num_qstate)
+  # Codes (1/8) plus biases and per-channel maxvals (1/64 each here) are ~0.154x; what the file adds on top
+  # is one JSON and a handful of entry headers, deflated with the rest.
+  payload = (sizes["codes"] + sizes["float"]) / sizes["float32_equivalent"]
+  assert payload < 0.155
+  assert sizes["file"] / sizes["float32_equivalent"] <= 0.16
+
+
+def _write_npz(path, **arrays):
+  with open(path, "wb") as f:
+    np.savez(f, **arrays)
+
+
+def test_other_versions_and_foreign_files_are_refused(narrow, tmp_path):
+  variables, qstate = narrow
+  packed.export_packed(tmp_path / "v2.npz", [variables], qstate)
+  with np.load(tmp_path / "v2.npz") as archive:
+    arrays = {name: archive[name] for name in archive.files}
+  document = json.loads(arrays["metadata.json"].tobytes())
+  # A version-1 file: per-layer entries, refused by its version number rather than misread.
+  v1 = {"metadata.json": np.frombuffer(json.dumps({**document, "version": 1}).encode(), np.uint8),
+        "bank0/layer_0000": arrays["codes/bank0"][:2048], "float/params/dense_0/bias": np.zeros(64, np.float32)}
+  _write_npz(tmp_path / "v1.npz", **v1)
+  with pytest.raises(packed.PackedModelError, match="version 1 is not supported"):
+    packed.load_packed(tmp_path / "v1.npz")
+  _write_npz(tmp_path / "foreign.npz", weights=np.ones(3))
+  with pytest.raises(packed.PackedModelError, match="no metadata.json"):
+    packed.load_packed(tmp_path / "foreign.npz")
+  del arrays["float32"]
+  _write_npz(tmp_path / "truncated.npz", **arrays)
+  with pytest.raises(packed.PackedModelError, match="lacks the entries"):
+    packed.load_packed(tmp_path / "truncated.npz")
