@@ -57,8 +57,15 @@ def _sample_images(models, name: str, config) -> np.ndarray:
 
 def _score(models, name: str, config, workdir: pathlib.Path, fp_images: np.ndarray, inception, reference) -> dict:
   from msfp_jax import stages
+  from msfp_jax.train import pipeline
   images = _sample_images(models, name, config)
   result = {"sample_mse_vs_fp": float(np.mean((images - fp_images) ** 2))}
+  if config.model.path == pipeline.BUILTIN_MODEL:
+    # A distribution-level score that needs no Inception network: the built-in model's held-out digits.
+    from msfp_jax.data import digits
+    from msfp_jax.data import digits_score
+    held_out, _ = digits.load_split("test")
+    result["pixel_fd"] = digits_score.pixel_frechet_distance(images, held_out)
   if inception is not None:
     from msfp_jax import eval as eval_lib
     s = config.sampler
@@ -129,9 +136,9 @@ def run_ablation(config, workdir) -> dict:
       logging.info("ablation %s seed %d: %s", name, seed, result)
       done += 1
       report.report(done)
-    if inception is not None and not (fp_dir / RESULT_FILE).is_file():
+    if not (fp_dir / RESULT_FILE).is_file():
       models = stages.Models(base, fp_dir)
-      if reference is None:
+      if reference is None and inception is not None:
         reference, _ = stages.reference_statistics(base, workdir, inception)
       checkpoint.save_json(fp_dir / RESULT_FILE, _score(models, "fp", base, fp_dir, fp_cache[seed], inception,
                                                          reference))
@@ -141,7 +148,7 @@ def run_ablation(config, workdir) -> dict:
 
 def summarize(config, workdir: pathlib.Path, variants, seeds) -> dict:
   rows = []
-  metric_names = ["fid", "sfid", "is", "sample_mse_vs_fp"]
+  metric_names = ["fid", "sfid", "is", "pixel_fd", "sample_mse_vs_fp"]
   entries = [("FP (full precision)", workdir / "fp")] + [(name, workdir / slug(name)) for name, _, _ in variants]
   for name, directory in entries:
     per_seed = [checkpoint.load_json(directory / f"seed_{s}" / RESULT_FILE) for s in seeds
@@ -158,8 +165,9 @@ def summarize(config, workdir: pathlib.Path, variants, seeds) -> dict:
             f"{config.finetune.num_steps} fine-tuning steps, {config.sampler.kind.upper()} {config.sampler.num_steps} "
             + (f"steps, FID on {config.evaluation.num_samples} samples ({config.evaluation.fid_pipeline} pipeline)"
                if any("fid" in row for row in rows) else "steps, no FID (FID network not configured)")
-            + "; sample MSE vs FP on the sample grid's images; mean +- std over seeds.")
-  lines = [header, "", "| variant | FID | sFID | IS | sample MSE vs FP |", "|---|---|---|---|---|"]
+            + f"; pixel FD (built-in model: vs the held-out digits) and sample MSE vs FP on {config.sample.num_images} "
+            "samples from the same noise; mean +- std over seeds.")
+  lines = [header, "", "| variant | FID | sFID | IS | pixel FD | sample MSE vs FP |", "|---|---|---|---|---|---|"]
 
   def cell(row, metric):
     if metric not in row:
@@ -167,7 +175,7 @@ def summarize(config, workdir: pathlib.Path, variants, seeds) -> dict:
     return f"{row[metric]['mean']:.4g} +- {row[metric]['std']:.2g}"
   for row in rows:
     lines.append(f"| {row['variant']} | {cell(row, 'fid')} | {cell(row, 'sfid')} | {cell(row, 'is')} | "
-                 f"{cell(row, 'sample_mse_vs_fp')} |")
+                 f"{cell(row, 'pixel_fd')} | {cell(row, 'sample_mse_vs_fp')} |")
   text = "\n".join(lines) + "\n"
   (workdir / "ablation.md").write_text(text)
   checkpoint.save_json(workdir / "ablation.json", {"header": header, "rows": rows})
