@@ -42,6 +42,8 @@ def get_config(arg=None):
   config.evaluation.num_samples = 300
   config.evaluation.batch_size = 100
   config.evaluation.max_reference_images = 500
+  # The sample grid's batch equals the evaluation batch, so the eval stage reuses the compiled samplers.
+  config.sample.num_images = 100
   if args.runlocal:
     common.apply_runlocal(config)
   return config

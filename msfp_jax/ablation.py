@@ -99,8 +99,8 @@ def run_ablation(config, workdir) -> dict:
     inception = eval_lib.load_inception(path)
   else:
     why = "config.evaluation.inception is empty" if path is None else f"the FID network file {path} is absent"
-    print(f"Ablation: {why}, so only sample MSE vs FP is reported (fetch the network with "
-          "`bash launch/fetch_fid_network.sh`).", flush=True)
+    print(f"Ablation: {why}, so FID/sFID/IS are not reported, only sample MSE vs FP (and pixel FD for the "
+          "built-in model); fetch the network with `bash launch/fetch_fid_network.sh`.", flush=True)
   writer = metrics.create_writer(workdir, jsonl_name=None)
   report = metrics.progress(len(variants) * len(seeds), writer, every_secs=0, name="ablation")
   done = 0

@@ -36,7 +36,21 @@ RUN_CONFIG_FILE = "config.json"
 _CHANGEABLE_PREFIXES = ("evaluation.", "sample.", "ablation.", "distributed.", "mesh.")
 
 
-def _calibrate(config, workdir) -> None:
+def _stages():
+  from msfp_jax import stages
+  return stages
+
+
+def _models(config, workdir, shared: dict):
+  """One set of loaded models for the sample, eval and export stages of a run: their compiled samplers are
+  reused across stages (with sample.num_images = evaluation.batch_size, eval compiles nothing new)."""
+  if "models" not in shared:
+    shared["models"] = _stages().Models(config, pathlib.Path(workdir))
+  return shared["models"]
+
+
+def _calibrate(config, workdir, shared) -> None:
+  del shared
   from msfp_jax.train import calibration
   if calibration.has_calibration(workdir):
     logging.info("calibrate: %s holds a calibration, skipping", workdir)
@@ -44,28 +58,30 @@ def _calibrate(config, workdir) -> None:
   calibration.run_calibration(config, workdir)
 
 
-def _finetune(config, workdir) -> None:
+def _finetune(config, workdir, shared) -> None:
+  del shared
   from msfp_jax.train import finetune
   result = finetune.finetune(config, workdir)  # resumes from the last checkpoint; a no-op when finished
   logging.info("fine-tuning finished at step %d (last loss %s)", result.step, result.last_loss)
 
 
-def _sample(config, workdir) -> None:
-  from msfp_jax import stages
-  stages.run_sample(config, workdir)
+def _sample(config, workdir, shared) -> None:
+  stages = _stages()
+  stages.run_sample(config, workdir, _models(config, workdir, shared))
 
 
-def _eval(config, workdir) -> None:
-  from msfp_jax import stages
-  stages.run_eval(config, workdir)
+def _eval(config, workdir, shared) -> None:
+  stages = _stages()
+  stages.run_eval(config, workdir, _models(config, workdir, shared))
 
 
-def _export(config, workdir) -> None:
-  from msfp_jax import stages
-  stages.run_export(config, workdir)
+def _export(config, workdir, shared) -> None:
+  stages = _stages()
+  stages.run_export(config, workdir, _models(config, workdir, shared))
 
 
-def _report(config, workdir) -> None:
+def _report(config, workdir, shared) -> None:
+  del shared
   from msfp_jax import stages
   report = stages.run_report(config, workdir)
   print((pathlib.Path(workdir) / stages.REPORT_MD).read_text(), flush=True)
@@ -120,10 +136,11 @@ def run(config, workdir, mode: str) -> None:
   check_workdir_config(config, workdir)
   stages = PIPELINE if mode == "all" else (mode,)
   timings_path = workdir / "timings.json"
+  shared: dict = {}
   for stage in stages:
     start = time.time()
     print(f"== stage {stage} ==", flush=True)
-    MODES[stage](config, workdir)
+    MODES[stage](config, workdir, shared)
     if _is_lead_process() and stage != "report":
       # Stage times accumulate over resumed runs (a skipped stage adds ~0), so they count the work done.
       timings = checkpoint.load_json(timings_path) if timings_path.is_file() else {}

@@ -160,9 +160,10 @@ class Models:
 
 
 # ------------------------------------------------------------------------------------------------ sample stage
-def _grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
-  """[N, H, W, C] in [-1, 1] -> uint8 [rows*H, columns*W, 3] with 1-pixel gaps."""
+def _grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+  """[N, H, W, C] in [-1, 1] -> uint8 [rows*H, columns*W, 3] with 1-pixel gaps (square by default)."""
   images = np.clip((np.asarray(images) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
+  columns = columns or int(np.ceil(np.sqrt(len(images))))
   if images.shape[-1] == 1:
     images = np.repeat(images, 3, axis=-1)
   n, h, w, c = images.shape
@@ -263,6 +264,7 @@ def reference_statistics(config, workdir: pathlib.Path, inception):
       if int(config.evaluation.max_reference_images) > 0:
         images = images[:int(config.evaluation.max_reference_images)]
       images = np.clip(np.round((images + 1.0) * 127.5), 0, 255).astype(np.uint8)
+      print(f"eval: reference statistics of {len(images)} training digits (Inception at 299x299)", flush=True)
       stats = eval_lib.statistics_of_uint8_batches(
           (images[i:i + 100] for i in range(0, len(images), 100)), inception, pipeline_name)
       stats.save(cache)
