@@ -115,10 +115,12 @@ def export_packed(path: str | os.PathLike, variables_per_bank: Sequence[Mapping[
   quantized_keys = {_kernel_path(p) for p in quantized}
   floats, other = [], []
   float_index: dict[str, list] = {"params": [], "quant": []}  # [name, offset, shape]: lists keep the JSON short
+  float_size = [0]  # running offset into the float32 blob
 
   def add_float(kind: str, name: str, value: np.ndarray) -> None:
-    float_index[kind].append([name, sum(f.size for f in floats), list(np.shape(value))])
+    float_index[kind].append([name, float_size[0], list(np.shape(value))])
     floats.append(np.asarray(value, np.float32))
+    float_size[0] += floats[-1].size
 
   for key, value in flats[0].items():
     if key in quantized_keys:
