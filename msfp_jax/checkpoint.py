@@ -112,6 +112,12 @@ def _json_default(obj: Any) -> Any:
   raise TypeError(f"Object of type {type(obj).__name__} is not JSON serializable")
 
 
+def _first_line(error: Exception, limit: int = 300) -> str:
+  # orbax's messages can list every key of the tree (tens of kB); the first clause is what a user needs.
+  text = str(error).split("\n")[0]
+  return text if len(text) <= limit else text[:limit] + " ..."
+
+
 class CheckpointManager:
   """Step checkpoints of a long job: an array state plus the run's config as JSON, per step.
 
@@ -137,6 +143,17 @@ class CheckpointManager:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def saved_config(self, step: int | None = None) -> dict | None:
+    """The config saved with `step` (default: the latest), without reading the arrays; None if none."""
+    step = self.latest_step() if step is None else step
+    if step is None or not (self.directory / str(step) / "config").exists():
+      return None
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    except Exception as e:
+      raise CheckpointError(f"Could not read the config saved with step {step} in {self.directory}: "
+                            f"{_first_line(e)}") from e
+
   def restore(self, step: int | None = None, target: Any = None) -> tuple[Any, dict | None]:
     """Restores (state, config) of `step` (default: the latest). `target` fixes structure and shapes."""
     step = self.latest_step() if step is None else step
@@ -153,8 +170,8 @@ class CheckpointManager:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:
       raise CheckpointError(
-          f"Could not restore step {step} from {self.directory}: {e}. If the checkpoint was written by a "
-          "different config or model, start a new workdir.") from e
+          f"Could not restore step {step} from {self.directory}: {_first_line(e)}. If the checkpoint was "
+          "written by a different config or model, start a new workdir.") from e
     state = _to_numpy(restored["state"])
     if target is not None:
       _check_against_target(state, target, self.directory / str(step))

@@ -92,14 +92,19 @@ class _Progress:
     self._start = time.time()
     self._last_print = 0.0
     self._every = every_secs
+    self._first_step: int | None = None  # a resumed run's rate counts only the steps it ran
 
   def report(self, step: int) -> None:
     self._report(step)
     now = time.time()
+    if self._first_step is None:
+      self._first_step, self._start = step, now
     if now - self._last_print >= self._every or step == self._total:
       self._last_print = now
       elapsed = now - self._start
-      print(f"[{self._name}] {step}/{self._total} ({elapsed:.0f}s)", flush=True)
+      done = step - self._first_step
+      eta = f", about {(self._total - step) * elapsed / done:.0f}s left" if done and step < self._total else ""
+      print(f"[{self._name}] {step}/{self._total} ({elapsed:.0f}s{eta})", flush=True)
 
 
 def progress(total_steps: int, writer: metric_writers.MetricWriter | None = None, *, every_secs: float = 10.0,

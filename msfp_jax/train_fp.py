@@ -22,7 +22,7 @@ import numpy as np
 import optax
 
 from msfp_jax import checkpoint, metrics
-from msfp_jax.data import digits
+from msfp_jax.data import cifar10, digits
 from msfp_jax.diffusion import SamplerConfig, make_schedule, sample
 from msfp_jax.models import build_model, save_converted
 
@@ -31,18 +31,27 @@ class TrainingDivergedError(RuntimeError):
   """The loss became NaN or infinite."""
 
 
+DATASETS = ("digits16", "cifar10")
+
+
 def load_data(config, workdir: pathlib.Path, split: str = "train") -> np.ndarray:
-  if config.data.name != "digits16":
-    raise ValueError(f"unknown dataset {config.data.name!r}; train_fp knows 'digits16'.")
+  """The training images: float32 in [-1, 1] (digits16) or uint8 (cifar10; scaled inside the step)."""
   data_dir = pathlib.Path(config.data.data_dir) if config.data.data_dir else workdir / "tfds"
-  images, _ = digits.load_split(split, data_dir)
-  return images
+  if config.data.name == "digits16":
+    images, _ = digits.load_split(split, data_dir)
+    return images
+  if config.data.name == "cifar10":
+    images, _ = cifar10.load_cifar10(split, archive=config.data.get("archive") or None, data_dir=data_dir,
+                                     source=config.data.get("source", "auto"))
+    return images
+  raise ValueError(f"unknown dataset {config.data.name!r}; train_fp knows {list(DATASETS)}.")
 
 
-def image_grid(images: np.ndarray, columns: int = 8) -> np.ndarray:
-  """[N, H, W, C] in [-1, 1] -> one uint8 grid image (1-pixel gaps), N a multiple of `columns`."""
+def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
+  """[N, H, W, C] in [-1, 1] -> one uint8 grid image (1-pixel gaps); `columns` defaults to ceil(sqrt(N))."""
   images = np.clip((np.asarray(images) + 1) * 127.5, 0, 255).round().astype(np.uint8)
   n, h, w, c = images.shape
+  columns = columns or int(np.ceil(np.sqrt(n)))
   rows = -(-n // columns)
   grid = np.zeros((rows * (h + 1) + 1, columns * (w + 1) + 1, c), np.uint8)
   for k in range(n):
@@ -63,6 +72,7 @@ def _make_train_step(model, tx, schedule, config):
   num_timesteps = schedule.num_timesteps
   batch_size = config.train.batch_size
   ema_decay = config.train.ema_decay
+  random_flip = bool(config.train.get("random_flip", False))
 
   def loss_fn(params, x0, t, noise):
     x_t = sqrt_abar[t][:, None, None, None] * x0 + sqrt_one_minus_abar[t][:, None, None, None] * noise
@@ -75,6 +85,11 @@ def _make_train_step(model, tx, schedule, config):
     rng = jax.random.fold_in(base_rng, state["step"])
     k_idx, k_t, k_noise = jax.random.split(rng, 3)
     x0 = images[jax.random.randint(k_idx, (batch_size,), 0, images.shape[0])]
+    if x0.dtype == jnp.uint8:  # kept as uint8 on the device: a quarter of the memory of float32
+      x0 = x0.astype(jnp.float32) / 127.5 - 1.0
+    if random_flip:
+      flip = jax.random.bernoulli(jax.random.fold_in(k_idx, 1), 0.5, (batch_size, 1, 1, 1))
+      x0 = jnp.where(flip, x0[:, :, ::-1, :], x0)
     t = jax.random.randint(k_t, (batch_size,), 0, num_timesteps)
     noise = jax.random.normal(k_noise, x0.shape, x0.dtype)
     loss, grads = jax.value_and_grad(loss_fn)(state["params"], x0, t, noise)
@@ -121,10 +136,30 @@ def _resumable(config_dict: dict) -> dict:
   """The parts of a config that must match to resume: all but the step budget, logging cadence and
   where the data lives. Normalized through JSON (the saved config comes back with lists for tuples)."""
   result = json.loads(json.dumps(config_dict))
-  for key in ("num_steps", "log_every", "checkpoint_every"):
+  for key in ("num_steps", "log_every", "checkpoint_every", "stop_after_seconds"):
     result.get("train", {}).pop(key, None)
-  result.get("data", {}).pop("data_dir", None)
+  for key in ("data_dir", "archive", "source"):  # where the data lives (its hash is checked on load)
+    result.get("data", {}).pop(key, None)
+  result.pop("export_dir", None)
+  result.pop("sample", None)
   return result
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def changed_fields(saved_config: dict, config_dict: dict) -> list[str]:
+  """The resumable fields that differ, as "a.b: saved -> now" lines."""
+  old, new = _flat(_resumable(saved_config)), _flat(_resumable(config_dict))
+  return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
+          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 def train_and_evaluate(config, workdir) -> dict[str, Any]:
@@ -146,13 +181,13 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   manager = checkpoint.CheckpointManager(workdir / "checkpoints", max_to_keep=2)
   latest = manager.latest_step()
   if latest is not None:
-    restored, saved_config = manager.restore(latest, target=state)
+    # The config first: another architecture must be named field by field, not as an orbax tree mismatch.
+    saved_config = manager.saved_config(latest)
     if saved_config is not None and _resumable(saved_config) != _resumable(config_dict):
-      changed = sorted(k for k in set(saved_config) | set(config_dict)
-                       if _resumable(saved_config).get(k) != _resumable(config_dict).get(k))
       raise checkpoint.CheckpointError(
-          f"{workdir / 'checkpoints'} was written with a different config (sections {changed} differ); "
-          "use a new --workdir or the original config.")
+          f"{workdir / 'checkpoints'} was written with a different config; these fields differ: "
+          f"{'; '.join(changed_fields(saved_config, config_dict))}. Use a new --workdir or the original config.")
+    restored, _ = manager.restore(latest, target=state)
     state = jax.tree.map(jnp.asarray, restored)
     print(f"Resuming from step {latest}.", flush=True)
 
@@ -165,10 +200,16 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   report = metrics.progress(num_steps, writer, name="train_fp")
   start_step = int(state["step"])
   start_time = time.time()
+  # Wall time of earlier stretches, so the model card states the whole cost.
+  wall_file = workdir / "train_wall_seconds.json"
+  earlier = checkpoint.load_json(wall_file) if wall_file.is_file() and latest is not None else {}
+  stop_after = float(config.train.get("stop_after_seconds", 0) or 0)
   last = {}
+  step = start_step
   for step in range(start_step + 1, num_steps + 1):
     state, step_metrics = train_step(state, images, train_rng)
-    if step % config.train.log_every == 0 or step == num_steps:
+    out_of_time = bool(stop_after) and time.time() - start_time > stop_after
+    if step % config.train.log_every == 0 or step == num_steps or out_of_time:
       last = {k: float(v) for k, v in step_metrics.items()}
       if not np.isfinite(last["loss"]):
         raise TrainingDivergedError(
@@ -176,19 +217,29 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
             f"{manager.latest_step()} in {workdir / 'checkpoints'}. Lower train.learning_rate.")
       writer.write_scalars(step, last)
     report.report(step)
-    if step % config.train.checkpoint_every == 0 or step == num_steps:
+    if step % config.train.checkpoint_every == 0 or step == num_steps or out_of_time:
       manager.save(step, state, config=config_dict)
+      checkpoint.save_json(wall_file, {"step": step, "seconds": earlier.get("seconds", 0.0)
+                                       + time.time() - start_time})
+    if out_of_time:
+      print(f"train.stop_after_seconds={stop_after:g} reached at step {step}; rerun with the same command to "
+            "go on.", flush=True)
+      break
+  final_step = int(state["step"])
   manager.wait_until_finished()
   manager.close()
   writer.flush()
   train_seconds = time.time() - start_time
+  total_seconds = earlier.get("seconds", 0.0) + train_seconds
 
   # Export the EMA weights as a converted model, loadable with msfp_jax.models.load.
   export_dir = pathlib.Path(config.export_dir) if config.export_dir else workdir / "model"
   save_converted(export_dir, config.model.architecture, model_config, state["ema_params"],
                  extra_config={"schedule": config.schedule.to_dict(), "data": config.data.name,
-                               "training": {"steps": num_steps, "seed": config.seed,
-                                            "batch_size": config.train.batch_size}})
+                               "training": {"steps": final_step, "seed": config.seed,
+                                            "batch_size": config.train.batch_size,
+                                            "images_seen": final_step * config.train.batch_size,
+                                            "wall_seconds": round(total_seconds, 1)}})
 
   samples = None
   if config.sample.num_samples:
@@ -201,8 +252,10 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
                             eta=config.sample.eta, skip=config.sample.skip)
     samples = np.asarray(sample(eps_fn, x_T, schedule, sampler, sample_rng))
     save_grid_png(samples, workdir / "samples.png")
-    save_grid_png(np.asarray(images[: config.sample.num_samples]), workdir / "data.png")
-  result = {"final_step": num_steps, "final_loss": last.get("loss"), "num_params": num_params,
+    data = np.asarray(images[: config.sample.num_samples])
+    save_grid_png(data.astype(np.float32) / 127.5 - 1 if data.dtype == np.uint8 else data, workdir / "data.png")
+  result = {"final_step": final_step, "images_seen": final_step * config.train.batch_size,
+            "wall_seconds_all_runs": total_seconds, "final_loss": last.get("loss"), "num_params": num_params,
             "train_seconds_this_run": train_seconds, "export_dir": str(export_dir),
             "samples_finite": None if samples is None else bool(np.all(np.isfinite(samples)))}
   checkpoint.save_json(workdir / "result.json", result)

@@ -52,3 +52,41 @@ def test_runlocal_two_steps_end_to_end(tmp_path):
   config.data.data_dir = str(data_dir)
   with pytest.raises(checkpoint.CheckpointError, match="different config"):
     train_fp.train_and_evaluate(config, tmp_path / "resumed")
+
+
+def test_cifar10_from_the_fixture_archive_and_resume_refused_naming_the_fields(tmp_path):
+  from configs import cifar10_fp
+
+  fixture = pathlib.Path(__file__).resolve().parent / "fixtures" / "cifar10-jpeg-mini.tar.xz"
+  config = cifar10_fp.get_config("runlocal")
+  config.data.archive = str(fixture)
+  config.data.data_dir = str(tmp_path / "tfds")
+  result = train_fp.train_and_evaluate(config, tmp_path / "run")
+  assert result["final_step"] == 2 and result["images_seen"] == 8 and result["samples_finite"]
+  model, variables, meta = load(tmp_path / "run" / "model")
+  assert meta["data"] == "cifar10" and meta["training"]["images_seen"] == 8
+  assert meta["training"]["wall_seconds"] > 0
+  x = np.zeros((2, 32, 32, 3), np.float32)
+  assert model.apply(variables, x, np.array([0, 999], np.int32)).shape == (2, 32, 32, 3)
+
+  # Another architecture in the same workdir: refused, naming each field with its saved and new value.
+  config.model.config.ch = 16
+  config.model.config.num_res_blocks = 2
+  config.train.num_steps = 3
+  with pytest.raises(checkpoint.CheckpointError,
+                     match=r"model\.config\.ch: 8 -> 16; model\.config\.num_res_blocks: 1 -> 2\. Use a new"):
+    train_fp.train_and_evaluate(config, tmp_path / "run")
+
+
+def test_stop_after_seconds_checkpoints_and_exports_then_resumes(tmp_path):
+  config = runlocal(num_steps=4, stop_after_seconds=1e-9)
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.sample.num_samples = 0
+  result = train_fp.train_and_evaluate(config, tmp_path / "run")
+  assert result["final_step"] == 1  # stopped after the first step, with a checkpoint and the exported model
+  assert load(tmp_path / "run" / "model")[2]["training"]["steps"] == 1
+  config.train.stop_after_seconds = 0.0
+  result = train_fp.train_and_evaluate(config, tmp_path / "run")
+  assert result["final_step"] == 4
+  wall = json.loads((tmp_path / "run" / "train_wall_seconds.json").read_text())
+  assert wall["step"] == 4 and wall["seconds"] >= result["train_seconds_this_run"]

@@ -224,10 +224,35 @@ def evaluate(sample_fn: Callable[[jax.Array, int], Any], num_samples: int, workd
   num_devices = mesh.devices.size
   if batch_size % num_devices:
     raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of devices ({num_devices}).")
-  feature_fn = make_feature_fn(inception, pipeline, input_range="model")
   base_rng = jax.random.key(int(protocol["seed"]))
-  grid_path = directory / "samples.png"
 
+  def images_for_round(index: int):
+    rng = jax.random.fold_in(jax.random.fold_in(base_rng, index), host)
+    images = sample_fn(rng, batch_size)
+    check_images(images, what="sample_fn's images")
+    if np.shape(images)[0] != batch_size:
+      raise ValueError(f"sample_fn returned {np.shape(images)[0]} images, asked for {batch_size}.")
+    return images
+
+  _accumulate_rounds(directory, name, num_samples, batch_size, num_rounds, images_for_round,
+                     make_feature_fn(inception, pipeline, input_range="model"), inception.has_logits, mesh,
+                     grid_size, log)
+  if num_hosts > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(f"msfp_jax eval {name} rounds written")
+  if host != 0:
+    return None
+  return _combine(directory, num_hosts, num_rounds, inception, reference, full_protocol)
+
+
+def _accumulate_rounds(directory: pathlib.Path, name: str, num_samples: int, batch_size: int, num_rounds: int,
+                       images_for_round: Callable[[int], Any], feature_fn: Callable, with_logits: bool, mesh,
+                       grid_size: int, log: Callable[[str], None], input_range: str = "model") -> None:
+  """Runs this host's unfinished rounds, adding each round's features to its running-totals file."""
+  host, num_hosts = jax.process_index(), jax.process_count()
+  num_devices = mesh.devices.size
+  grid_path = directory / "samples.png"
   accum_path = _accum_path(directory, host)
   for stale in directory.glob(f"{accum_path.name}.tmp*"):  # left by a run killed while writing
     stale.unlink(missing_ok=True)
@@ -237,44 +262,100 @@ def evaluate(sample_fn: Callable[[jax.Array, int], Any], num_samples: int, workd
   expected_kept = _kept_per_round(num_samples, batch_size, num_hosts, host, num_rounds)
   if accum_path.exists():
     totals = _RunningTotals.load(accum_path)
-    if (totals.with_logits != inception.has_logits or totals.rounds_done > num_rounds
+    if (totals.with_logits != with_logits or totals.rounds_done > num_rounds
         or totals.round_counts != expected_kept[:totals.rounds_done]):
       raise EvalProtocolError(f"{accum_path} does not match this evaluation's rounds; use another name or "
                               "delete the folder.")
     if totals.rounds_done:
       log(f"eval {name}: host {host} resumes after {totals.rounds_done}/{num_rounds} finished rounds")
   else:
-    totals = _RunningTotals(with_logits=inception.has_logits)
+    totals = _RunningTotals(with_logits=with_logits)
 
+  from msfp_jax import metrics  # the clu wrapper: progress with an estimate of the time left
+  progress = metrics.progress(num_rounds, None, name=f"eval {name}")
   for index in range(totals.rounds_done, num_rounds):
     keep = expected_kept[index]
-    rng = jax.random.fold_in(jax.random.fold_in(base_rng, index), host)
-    images = sample_fn(rng, batch_size)
-    check_images(images, what="sample_fn's images")
-    if np.shape(images)[0] != batch_size:
-      raise ValueError(f"sample_fn returned {np.shape(images)[0]} images, asked for {batch_size}.")
+    images = images_for_round(index)
     if num_devices > 1:
       from msfp_jax.parallel import shard_batch
 
       images = shard_batch(images, mesh)
     out = feature_fn(images)
-    raise_if_not_finite(out, what=f"samples of round {index}")
-    builder = StatisticsBuilder(keep_logits=inception.has_logits)
+    raise_if_not_finite(out, what=f"images of round {index}")
+    builder = StatisticsBuilder(keep_logits=with_logits)
     if keep:
       builder.add(out, keep=keep)
     if host == 0 and index == 0 and grid_size and not grid_path.exists():
-      save_image_grid(np.asarray(images)[:min(grid_size, keep or batch_size)], grid_path)
+      grid = np.asarray(images)[:min(grid_size, keep or batch_size)]
+      save_image_grid(grid.astype(np.float32) / 127.5 - 1 if input_range == "uint8" else grid, grid_path)
     totals.add_round(builder)
     totals.save(accum_path)
+    progress.report(index + 1)
     log(f"eval {name}: host {host} round {index + 1}/{num_rounds} ({keep} samples kept)")
 
+
+REQUIRED_DATASET_PROTOCOL_KEYS = ("dataset", "split", "source_sha256")
+
+
+def dataset_statistics(images: np.ndarray, workdir, *, name: str, batch_size: int, inception: FIDInception,
+                       pipeline: str, protocol: dict, mesh=None, grid_size: int = 100,
+                       log: Callable[[str], None] = print) -> tuple[FeatureStatistics, dict]:
+  """Reference statistics of a dataset's uint8 NHWC images, in the resumable rounds of `evaluate`.
+
+  Round i of host h scores images [(i * hosts + h) * batch_size, ...), so a killed run resumes after its
+  last finished round and ends with the totals of an uninterrupted one. protocol must name the dataset, the
+  split and the source's sha256; N, the pipeline and the Inception weights' hash are added. Returns the
+  statistics and the full protocol (host 0; the other hosts return after their rounds with (None, protocol)).
+  """
+  preprocess.check_pipeline(pipeline)
+  missing = [k for k in REQUIRED_DATASET_PROTOCOL_KEYS if k not in protocol]
+  if missing:
+    raise EvalProtocolError(f"The dataset protocol lacks {missing}; reference statistics record "
+                            f"{list(REQUIRED_DATASET_PROTOCOL_KEYS)}.")
+  images = np.asarray(images)
+  if images.dtype != np.uint8:
+    raise ValueError(f"dataset_statistics takes uint8 images (got {images.dtype}).")
+  check_images(images, what="dataset images")
+  num_samples = len(images)
+  if num_samples < 2 or batch_size < 2:
+    raise ValueError(f"need at least 2 images and batch_size >= 2 (got {num_samples}, {batch_size}).")
+  directory = _eval_dir(workdir, name)
+  directory.mkdir(parents=True, exist_ok=True)
+  host, num_hosts = jax.process_index(), jax.process_count()
+  per_round = batch_size * num_hosts
+  num_rounds = math.ceil(num_samples / per_round)
+  full_protocol = dict(protocol)
+  full_protocol.update(num_samples=int(num_samples), pipeline=pipeline, inception_weights_sha256=inception.sha256,
+                       inception_weights_format=inception.source_format, batch_size_per_host=int(batch_size),
+                       num_hosts=num_hosts)
+  protocol_json = json.dumps(full_protocol, sort_keys=True, default=str)
+  protocol_path = directory / f"protocol_{host}.json"
+  if protocol_path.exists() and protocol_path.read_text() != protocol_json:
+    raise EvalProtocolError(f"{directory} holds rounds of statistics with another protocol ({protocol_path}); "
+                            "use another name or delete the folder.")
+  _atomic_write_text(protocol_path, protocol_json)
+  mesh = _local_mesh(mesh)
+
+  def images_for_round(index: int):
+    start = (index * num_hosts + host) * batch_size
+    chunk = images[start:start + batch_size]
+    if len(chunk) < batch_size:  # padded so every round compiles once; the padding is not kept
+      chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk),) + images.shape[1:], np.uint8)])
+    return chunk
+
+  _accumulate_rounds(directory, name, num_samples, batch_size, num_rounds, images_for_round,
+                     make_feature_fn(inception, pipeline, input_range="uint8"), False, mesh, grid_size, log,
+                     input_range="uint8")
   if num_hosts > 1:
     from jax.experimental import multihost_utils
 
-    multihost_utils.sync_global_devices(f"msfp_jax eval {name} rounds written")
+    multihost_utils.sync_global_devices(f"msfp_jax statistics {name} rounds written")
   if host != 0:
-    return None
-  return _combine(directory, num_hosts, num_rounds, inception, reference, full_protocol)
+    return None, full_protocol
+  pool3, spatial, _ = combine_rounds(directory, num_hosts, num_rounds, False)
+  mu, sigma = pool3.mean_cov(what="pool3 features")
+  mu_s, sigma_s = spatial.mean_cov(what="sFID spatial features")
+  return FeatureStatistics(mu, sigma, pool3.count, mu_s, sigma_s), full_protocol
 
 
 def combine_rounds(directory: pathlib.Path, num_hosts: int, num_rounds: int, with_logits: bool):

@@ -10,18 +10,54 @@ Statistics files are used as they are (they were computed with some pipeline: th
 """
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import zipfile
+import zlib
 from typing import Iterator
 
 import numpy as np
 
 from msfp_jax.eval.features import statistics_of_uint8_batches
 from msfp_jax.eval.inception_weights import FIDInception
-from msfp_jax.eval.stats import FeatureStatistics
+from msfp_jax.eval.stats import FeatureStatistics, symmetric_from_triu
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+BUILTIN_PREFIX = "builtin:"
+# Reference statistics shipped in the package (FeatureStatistics.save_compact files with their protocol).
+BUILTIN_STATISTICS = {
+    "cifar10-train": "cifar10_train_tf.npz",
+    "cifar10-test": "cifar10_test_tf.npz",
+}
+
+
+def builtin_statistics_path(name: str) -> pathlib.Path:
+  """The shipped statistics file of `builtin:NAME`; one clear error for an unknown or unshipped name."""
+  if name not in BUILTIN_STATISTICS:
+    raise ReferenceError(f"Unknown built-in statistics {BUILTIN_PREFIX}{name}; known: "
+                         f"{[BUILTIN_PREFIX + n for n in BUILTIN_STATISTICS]}.")
+  path = pathlib.Path(__file__).resolve().parents[1] / "assets" / "reference_statistics" / BUILTIN_STATISTICS[name]
+  if not path.is_file():
+    shipped = [BUILTIN_PREFIX + n for n, f in BUILTIN_STATISTICS.items() if (path.parent / f).is_file()]
+    raise ReferenceError(f"{BUILTIN_PREFIX}{name} is not shipped in this version ({path} is missing); "
+                         f"shipped: {shipped or 'none'}.")
+  return path
+
+
+def check_statistics_protocol(stats: FeatureStatistics, *, pipeline: str, inception: FIDInception | None,
+                              what: str) -> None:
+  """Refuses statistics recorded with another input pipeline or other Inception weights than this score's."""
+  recorded = stats.protocol or {}
+  problems = []
+  if recorded.get("pipeline") not in (None, pipeline):
+    problems.append(f"they were computed with the {recorded['pipeline']!r} pipeline, this score uses {pipeline!r}")
+  if inception is not None and recorded.get("inception_weights_sha256") not in (None, inception.sha256):
+    problems.append(f"they were computed with Inception weights sha256 {recorded['inception_weights_sha256']}, "
+                    f"this score uses {inception.sha256}")
+  if problems:
+    raise ReferenceError(f"Reference statistics {what} do not match: {'; '.join(problems)}. Use the matching "
+                         "pipeline and network, or statistics computed with these.")
 
 
 class ReferenceError(ValueError):
@@ -84,15 +120,25 @@ def statistics_from_npz(path: str | os.PathLike) -> FeatureStatistics | None:
   path = pathlib.Path(path)
   with _load_npz(path) as data:
     keys = set(data.files)
-    if not {"mu", "sigma"} <= keys:
-      return None
-    mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
-    mu_s = np.asarray(data["mu_s"], np.float64) if "mu_s" in keys else None
-    sigma_s = np.asarray(data["sigma_s"], np.float64) if "sigma_s" in keys else None
-    count = int(data["count"]) if "count" in keys else None
+    try:
+      if {"mu", "sigma_triu"} <= keys:  # the compact form of FeatureStatistics.save_compact
+        mu = np.asarray(data["mu"], np.float64)
+        sigma = symmetric_from_triu(data["sigma_triu"], mu.shape[0])
+        mu_s = np.asarray(data["mu_s"], np.float64) if "mu_s" in keys else None
+        sigma_s = symmetric_from_triu(data["sigma_s_triu"], mu_s.shape[0]) if mu_s is not None else None
+      elif {"mu", "sigma"} <= keys:
+        mu, sigma = np.asarray(data["mu"], np.float64), np.asarray(data["sigma"], np.float64)
+        mu_s = np.asarray(data["mu_s"], np.float64) if "mu_s" in keys else None
+        sigma_s = np.asarray(data["sigma_s"], np.float64) if "sigma_s" in keys else None
+      else:
+        return None
+      count = int(data["count"]) if "count" in keys else None
+      protocol = json.loads(str(data["protocol_json"])) if "protocol_json" in keys else None
+    except (ValueError, KeyError, zlib.error, zipfile.BadZipFile) as e:
+      raise ReferenceError(f"{path}: the statistics cannot be read ({type(e).__name__}: {e}).") from e
   if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
     raise ReferenceError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not a mean and its covariance.")
-  return FeatureStatistics(mu, sigma, count, mu_s, sigma_s)
+  return FeatureStatistics(mu, sigma, None if count == -1 else count, mu_s, sigma_s, protocol=protocol)
 
 
 def _npz_image_batches(path: pathlib.Path, batch_size: int) -> Iterator[np.ndarray]:
@@ -143,6 +189,10 @@ def load_or_compute_statistics(source: str | os.PathLike, *, inception: FIDIncep
 
   if source_str.startswith("tfds:"):
     return compute(_tfds_batches(source_str, batch_size, data_dir, image_key, max_examples), source_str)
+  if source_str.startswith(BUILTIN_PREFIX):
+    stats = statistics_from_npz(builtin_statistics_path(source_str[len(BUILTIN_PREFIX):]))
+    check_statistics_protocol(stats, pipeline=pipeline, inception=inception, what=source_str)
+    return stats
   path = pathlib.Path(source_str)
   if path.is_dir():
     return compute(_folder_batches(path, batch_size), f"images in {path}")
@@ -151,5 +201,6 @@ def load_or_compute_statistics(source: str | os.PathLike, *, inception: FIDIncep
                          "images or statistics, or tfds:NAME[:SPLIT]).")
   stats = statistics_from_npz(path)
   if stats is not None:
+    check_statistics_protocol(stats, pipeline=pipeline, inception=inception, what=str(path))
     return stats
   return compute(_npz_image_batches(path, batch_size), f"images in {path}")

@@ -74,6 +74,8 @@ class FeatureStatistics:
   count: int | None = None
   mu_s: np.ndarray | None = None
   sigma_s: np.ndarray | None = None
+  # How they were computed (dataset, source sha256, N, pipeline, Inception weights' hash), when recorded.
+  protocol: dict | None = dataclasses.field(default=None, compare=False)
 
   @property
   def has_spatial(self) -> bool:
@@ -96,6 +98,34 @@ class FeatureStatistics:
       arrays["count"] = np.asarray(self.count)
     with open(path, "wb") as f:
       np.savez(f, **arrays)
+
+  def save_compact(self, path) -> None:
+    """Writes the shipped form: float32, each symmetric covariance once (its upper triangle), the protocol
+    as JSON; deflated. `msfp_jax.eval.statistics_from_npz` reads it back (symmetric, as float64)."""
+    import json
+
+    if self.protocol is None:
+      raise ValueError("save_compact records the protocol; these statistics have none.")
+    arrays = {"mu": np.asarray(self.mu, np.float32),
+              "sigma_triu": np.asarray(self.sigma[np.triu_indices(len(self.mu))], np.float32),
+              "count": np.asarray(self.count if self.count is not None else -1),
+              "protocol_json": np.asarray(json.dumps(self.protocol, sort_keys=True))}
+    if self.has_spatial:
+      arrays.update(mu_s=np.asarray(self.mu_s, np.float32),
+                    sigma_s_triu=np.asarray(self.sigma_s[np.triu_indices(len(self.mu_s))], np.float32))
+    with open(path, "wb") as f:
+      np.savez_compressed(f, **arrays)
+
+
+def symmetric_from_triu(values: np.ndarray, dim: int) -> np.ndarray:
+  """The symmetric [dim, dim] matrix (float64) whose upper triangle, row by row, is `values`."""
+  values = np.asarray(values, np.float64)
+  if values.shape != (dim * (dim + 1) // 2,):
+    raise ValueError(f"an upper triangle of a {dim}x{dim} matrix has {dim * (dim + 1) // 2} values, got "
+                     f"{values.shape}.")
+  matrix = np.zeros((dim, dim), np.float64)
+  matrix[np.triu_indices(dim)] = values
+  return matrix + np.triu(matrix, 1).T
 
 
 def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:

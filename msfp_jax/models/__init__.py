@@ -3,12 +3,13 @@
 `build_model(architecture, config_dict)` builds any registered architecture; `save_converted` / `load`
 read and write converted-model directories (orbax params + model_config.json).
 """
-from msfp_jax.models.registry import (ModelEntry, UnknownArchitectureError, abstract_params, build_model, load,
-                                      load_extra_tree, register, registry, save_converted)
+from msfp_jax.models.registry import (BUILTIN_MODELS, ModelEntry, UnknownArchitectureError, abstract_params,
+                                      build_model, load, load_extra_tree, register, registry, resolve_model_path,
+                                      save_converted)
 from msfp_jax.models.unet import PRESETS, DDPMUNet, DDPMUNetConfig, InvalidModelConfigError, preset
 
 __all__ = [
-    "DDPMUNet", "DDPMUNetConfig", "InvalidModelConfigError", "ModelEntry", "PRESETS", "UnknownArchitectureError",
+    "BUILTIN_MODELS", "DDPMUNet", "DDPMUNetConfig", "InvalidModelConfigError", "ModelEntry", "PRESETS", "UnknownArchitectureError",
     "abstract_params", "build_model", "load", "load_extra_tree", "preset", "register", "registry",
-    "save_converted",
+    "resolve_model_path", "save_converted",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib
+import os
 import pathlib
 from typing import Any
 
@@ -138,6 +139,23 @@ def _abstract_params_cached(model_cls: type, config: Any) -> Any:
 
 MODEL_CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
+
+# Models trained here and shipped in the package: "builtin:NAME" -> msfp_jax/assets/<folder>.
+# "builtin" alone is the digits model (the first one shipped), kept for existing configs.
+BUILTIN_PREFIX = "builtin"
+BUILTIN_MODELS = {"digits": "default_model", "cifar10": "cifar10_model"}
+
+
+def resolve_model_path(path: str | os.PathLike) -> pathlib.Path:
+  """A converted-model directory from a path or a built-in name ("builtin", "builtin:digits", "builtin:cifar10")."""
+  text = os.fspath(path)
+  if text == BUILTIN_PREFIX or text.startswith(BUILTIN_PREFIX + ":"):
+    name = text.partition(":")[2] or "digits"
+    if name not in BUILTIN_MODELS:
+      raise FileNotFoundError(f"Unknown built-in model {text!r}; the package ships "
+                              f"{[f'{BUILTIN_PREFIX}:{n}' for n in BUILTIN_MODELS]}.")
+    return pathlib.Path(__file__).resolve().parents[1] / "assets" / BUILTIN_MODELS[name]
+  return pathlib.Path(text).expanduser()
 _RESERVED_KEYS = ("architecture", "config", "extra_trees", "format_version")
 
 
@@ -178,7 +196,7 @@ def save_converted(dst, architecture: str, config: dict | Any, params: Any, *,
 
 
 def _read_model_config(dst) -> dict:
-  dst = pathlib.Path(dst)
+  dst = resolve_model_path(dst)
   if not dst.exists():
     raise FileNotFoundError(f"No converted model at {dst}. Convert a checkpoint first: "
                             f"python -m msfp_jax.convert SRC {dst}")
@@ -194,14 +212,15 @@ def _read_model_config(dst) -> dict:
 
 
 def load(dst) -> tuple[nn.Module, dict, dict]:
-  """Loads a directory written by `save_converted`: (model, {"params": ...}, model_config dict).
+  """Loads a directory written by `save_converted`, or a built-in model ("builtin:cifar10"):
+  (model, {"params": ...}, model_config dict).
 
   The parameter shapes are checked against the architecture (when the model has `example_inputs`).
   """
   meta = _read_model_config(dst)
   model, _ = build_model(meta["architecture"], meta["config"])
   target = abstract_params(model) if hasattr(model, "example_inputs") else None
-  params = checkpoint.load_tree(pathlib.Path(dst) / PARAMS_DIR, target)
+  params = checkpoint.load_tree(resolve_model_path(dst) / PARAMS_DIR, target)
   return model, {"params": jax.tree.map(jnp.asarray, params)}, meta
 
 
@@ -210,4 +229,4 @@ def load_extra_tree(dst, name: str) -> Any:
   meta = _read_model_config(dst)
   if name not in meta.get("extra_trees", []):
     raise KeyError(f"{dst} has no extra tree {name!r}; it has {meta.get('extra_trees', [])}.")
-  return checkpoint.load_tree(pathlib.Path(dst) / name)
+  return checkpoint.load_tree(resolve_model_path(dst) / name)

@@ -26,10 +26,8 @@ NOISE_FINETUNE = 2
 
 
 def model_dir(path: str) -> pathlib.Path:
-  """The converted model directory named by config.model.path ("builtin": the packaged default model)."""
-  if path == BUILTIN_MODEL:
-    return pathlib.Path(__file__).resolve().parents[1] / "assets" / "default_model"
-  return pathlib.Path(path).expanduser()
+  """The converted model directory named by config.model.path ("builtin", "builtin:cifar10": shipped models)."""
+  return models.resolve_model_path(path)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -196,3 +196,56 @@ def test_bad_input(tmp_path, net, reference_stats):
   _evaluate(tmp_path / "p", net, reference_stats, num_samples=4)
   with pytest.raises(loop.EvalProtocolError, match="another protocol"):
     _evaluate(tmp_path / "p", net, reference_stats, num_samples=4, protocol=dict(PROTOCOL, seed=4))
+
+
+def _dataset_statistics(workdir, net, images, **kw):
+  args = dict(name="ref", batch_size=4, inception=net, pipeline="tf", log=lambda _: None,
+              protocol={"dataset": "toy", "split": "train", "source_sha256": "0" * 64})
+  args.update(kw)
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", FewSamplesWarning)
+    return loop.dataset_statistics(images, workdir, **args)
+
+
+def test_dataset_statistics_resume_and_equal_a_direct_computation(tmp_path, net, monkeypatch):
+  images = np.random.RandomState(1).randint(0, 256, (10, 8, 8, 3)).astype(np.uint8)
+  full, protocol = _dataset_statistics(tmp_path / "a", net, images)
+  assert full.count == 10 and protocol["num_samples"] == 10 and protocol["pipeline"] == "tf"
+  assert protocol["inception_weights_sha256"] == net.sha256 and protocol["source_sha256"] == "0" * 64
+
+  # Direct float64 moments of the stand-in's features of the same images.
+  from msfp_jax.eval.features import make_feature_fn
+  out = make_feature_fn(net, "tf", input_range="uint8")(images)
+  pool3 = np.asarray(out["pool3"], np.float64)
+  np.testing.assert_allclose(full.mu, pool3.mean(0), rtol=1e-10)
+  np.testing.assert_allclose(full.sigma, np.cov(pool3, rowvar=False), rtol=1e-8, atol=1e-10)
+
+  # Killed in round 1, then rerun: only rounds 1 and 2 are scored, and the totals are bit-identical.
+  calls, interrupt_at = [], [1]
+  real_accumulate = loop._accumulate_rounds
+
+  def interrupted(directory, name, num_samples, batch_size, num_rounds, images_for_round, *rest, **kw):
+    def counted(index):
+      calls.append(index)
+      if index in interrupt_at:
+        raise KeyboardInterrupt("preempted")
+      return images_for_round(index)
+    return real_accumulate(directory, name, num_samples, batch_size, num_rounds, counted, *rest, **kw)
+
+  monkeypatch.setattr(loop, "_accumulate_rounds", interrupted)
+  with pytest.raises(KeyboardInterrupt):
+    _dataset_statistics(tmp_path / "b", net, images)
+  assert calls == [0, 1]
+  calls.clear()
+  interrupt_at.clear()
+  resumed, _ = _dataset_statistics(tmp_path / "b", net, images)
+  assert calls == [1, 2]
+  np.testing.assert_array_equal(resumed.sigma, full.sigma)
+  np.testing.assert_array_equal(resumed.mu_s, full.mu_s)
+
+  with pytest.raises(loop.EvalProtocolError, match="another protocol"):
+    _dataset_statistics(tmp_path / "b", net, images, pipeline="pytorch-fid")
+  with pytest.raises(loop.EvalProtocolError, match="lacks"):
+    _dataset_statistics(tmp_path / "c", net, images, protocol={"dataset": "toy"})
+  with pytest.raises(ValueError, match="uint8"):
+    _dataset_statistics(tmp_path / "d", net, images.astype(np.float32))

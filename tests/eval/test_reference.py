@@ -151,3 +151,59 @@ def test_cli_save_stats_then_fid(tmp_path, images, fid_torchscript_path, capsys)
   expected = frechet_distance(saved.mu, saved.sigma, other.mu, other.sigma)
   assert result["fid"] == pytest.approx(expected) and printed["fid"] == pytest.approx(expected)
   assert printed["pipeline"] == "pytorch-fid" and len(printed["inception_weights_sha256"]) == 64
+
+
+def _random_stats(dim=6, dim_s=5, protocol=None):
+  rng = np.random.RandomState(3)
+  a, b = rng.normal(size=(dim, dim)), rng.normal(size=(dim_s, dim_s))
+  return FeatureStatistics(rng.normal(size=dim), a @ a.T, 12, rng.normal(size=dim_s), b @ b.T, protocol=protocol)
+
+
+def test_compact_statistics_round_trip_with_protocol(tmp_path):
+  protocol = {"dataset": "cifar10", "split": "test", "pipeline": "tf", "inception_weights_sha256": "ab" * 32}
+  stats = _random_stats(protocol=protocol)
+  stats.save_compact(tmp_path / "s.npz")
+  with np.load(tmp_path / "s.npz") as data:  # float32, each covariance once
+    assert data["sigma_triu"].dtype == np.float32 and data["sigma_triu"].shape == (6 * 7 // 2,)
+    assert "sigma" not in data.files
+  back = reference.statistics_from_npz(tmp_path / "s.npz")
+  assert back.protocol == protocol and back.count == 12
+  np.testing.assert_array_equal(back.sigma, back.sigma.T)
+  for ours, theirs in ((back.mu, stats.mu), (back.sigma, stats.sigma), (back.mu_s, stats.mu_s),
+                       (back.sigma_s, stats.sigma_s)):
+    np.testing.assert_allclose(ours, theirs, rtol=1e-6, atol=1e-6)
+  with pytest.raises(ValueError, match="records the protocol"):
+    _random_stats().save_compact(tmp_path / "t.npz")
+
+
+def test_statistics_of_another_pipeline_or_network_refused(tmp_path, monkeypatch):
+  stats = _random_stats(protocol={"pipeline": "tf", "inception_weights_sha256": "ab" * 32})
+  stats.save_compact(tmp_path / "s.npz")
+
+  class Net:
+    sha256 = "cd" * 32
+
+  with pytest.raises(reference.ReferenceError, match=r"'tf' pipeline, this score uses 'pytorch-fid'"):
+    reference.load_or_compute_statistics(tmp_path / "s.npz", inception=None, pipeline="pytorch-fid")
+  with pytest.raises(reference.ReferenceError, match=f"sha256 {'ab' * 32}, this score uses {'cd' * 32}"):
+    reference.load_or_compute_statistics(tmp_path / "s.npz", inception=Net(), pipeline="tf")
+  assert reference.load_or_compute_statistics(tmp_path / "s.npz", inception=None, pipeline="tf").count == 12
+  # The same check for a built-in name.
+  monkeypatch.setattr(reference, "builtin_statistics_path", lambda name: tmp_path / "s.npz")
+  with pytest.raises(reference.ReferenceError, match="builtin:cifar10-test do not match"):
+    reference.load_or_compute_statistics("builtin:cifar10-test", inception=Net(), pipeline="tf")
+
+
+def test_unknown_builtin_statistics():
+  with pytest.raises(reference.ReferenceError, match=r"Unknown built-in statistics builtin:imagenet; known: "
+                                                     r"\['builtin:cifar10-train', 'builtin:cifar10-test'\]"):
+    reference.load_or_compute_statistics("builtin:imagenet", inception=None, pipeline="tf")
+
+
+def test_save_stats_to_a_missing_folder_fails_before_any_work(tmp_path, monkeypatch):
+  def must_not_load(*args, **kwargs):
+    raise AssertionError("the network was loaded before the output path was checked")
+
+  monkeypatch.setattr("msfp_jax.eval.load_inception", must_not_load)
+  with pytest.raises(SystemExit, match="the folder .*no_such_dir does not exist"):
+    fid_cli.main(["--inception", "x.pt", "some_source", "--save-stats", str(tmp_path / "no_such_dir" / "x.npz")])
