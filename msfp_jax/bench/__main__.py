@@ -2,7 +2,7 @@
 import importlib
 import sys
 
-BENCHMARKS = ("quant", "unet", "ldm", "inception", "finetune", "sample")
+BENCHMARKS = ("quant", "unet", "ldm", "inception", "finetune", "sample", "device")
 
 
 def main(argv: list[str]) -> None:

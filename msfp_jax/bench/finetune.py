@@ -41,7 +41,8 @@ def run(argv: list[str] | None = None) -> dict:
   from msfp_jax import diffusion, lora, models, quant
   from msfp_jax.train import finetune, optimizer, pipeline, sharding
   unet = dict(resolution=args.resolution, ch=args.ch, ch_mult=(1, 2, 2), num_res_blocks=2,
-              attn_resolutions=(args.resolution // 2,), dropout=0.0)
+              attn_resolutions=(args.resolution // 2,), dropout=0.0,
+              num_groups=min(32, args.ch // 2))  # 32 groups as DDPM for ch >= 64; tiny models keep 2 per group
   model, _ = models.build_model("ddpm_unet", unet)
   x, t = model.example_inputs(args.batch)
   x = jax.random.normal(jax.random.key(0), x.shape)

@@ -28,9 +28,16 @@ def run(argv: list[str] | None = None) -> dict:
   parser.add_argument("--steps", type=int, default=10)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--small", action="store_true", help="a ~1M-parameter UNet instead of CIFAR-10's")
+  parser.add_argument("--tiny", action="store_true", help="a few-thousand-parameter UNet (the script's own tests)")
   args = parser.parse_args(argv or [])
-  config = (DDPMUNetConfig(resolution=16, in_channels=1, out_channels=1, ch=64, ch_mult=(1, 2), num_res_blocks=1,
-                           attn_resolutions=(8,), dropout=0.0) if args.small else preset("cifar10"))
+  if args.tiny:
+    config = DDPMUNetConfig(resolution=8, in_channels=3, out_channels=3, ch=8, ch_mult=(1, 2), num_res_blocks=1,
+                            attn_resolutions=(4,), dropout=0.0, num_groups=2)
+  elif args.small:
+    config = DDPMUNetConfig(resolution=16, in_channels=1, out_channels=1, ch=64, ch_mult=(1, 2), num_res_blocks=1,
+                            attn_resolutions=(8,), dropout=0.0)
+  else:
+    config = preset("cifar10")
   model = DDPMUNet(config)
   x_example, t_example = model.example_inputs(args.batch)[:2]
   variables = jax.jit(model.init)(jax.random.key(0), x_example, t_example)
@@ -60,7 +67,7 @@ def run(argv: list[str] | None = None) -> dict:
              "w4a4_ptq": _time(sampler(ptq.apply), args.repeats),
              "w4a4_talora_k4": _time(sampler(talora.apply), args.repeats)}
   result = {
-      "model": "DDPM UNet " + ("small" if args.small else "CIFAR-10 configuration"), "parameters": num_params,
+      "model": "DDPM UNet " + ("tiny" if args.tiny else "small" if args.small else "CIFAR-10 configuration"), "parameters": num_params,
       "batch": args.batch, "ddim_steps": args.steps,
       "fp_seconds_per_step": seconds["fp"] / args.steps,
       "w4a4_ptq_seconds_per_step": seconds["w4a4_ptq"] / args.steps,

@@ -21,11 +21,13 @@ Output: a dict with
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 INPUT_SIZE = 299
 POOL3_DIM = 2048
@@ -61,6 +63,29 @@ def basic_conv_paths() -> list[tuple[str, ...]]:
 Padding = str | Sequence[tuple[int, int]]
 
 
+BN_EPSILON = 1e-3
+
+
+def fold_batch_norm(variables: dict) -> dict:
+  """{"params", "batch_stats"} of the network -> {"params"} of the folded network (`folded=True`).
+
+  conv(x) * g / sqrt(v + eps) + (b - m * g / sqrt(v + eps)) is one conv with a bias: the inference network
+  then reads each activation once instead of twice. The products are formed in float64 and rounded once.
+  """
+  params, stats = variables["params"], variables["batch_stats"]
+
+  def fold(p, s):
+    if "conv" in p and "bn" in p:
+      scale = np.asarray(p["bn"]["scale"], np.float64) / np.sqrt(np.asarray(s["bn"]["var"], np.float64)
+                                                                 + BN_EPSILON)
+      kernel = np.asarray(p["conv"]["kernel"], np.float64) * scale
+      bias = np.asarray(p["bn"]["bias"], np.float64) - np.asarray(s["bn"]["mean"], np.float64) * scale
+      return {"conv": {"kernel": kernel.astype(np.float32), "bias": bias.astype(np.float32)}}
+    return {k: fold(v, s.get(k, {})) if isinstance(v, dict) else v for k, v in p.items()}
+
+  return {"params": fold(jax.tree.map(np.asarray, dict(params)), jax.tree.map(np.asarray, dict(stats)))}
+
+
 class BasicConv2d(nn.Module):
   """Convolution without bias, BatchNorm (eps 1e-3, running statistics) and ReLU."""
   features: int
@@ -68,12 +93,16 @@ class BasicConv2d(nn.Module):
   strides: int = 1
   padding: Padding = "VALID"
   precision: str = "highest"
+  folded: bool = False
+
+  folded: bool = False  # batch norm folded into the conv's kernel and a bias (fold_batch_norm)
 
   @nn.compact
   def __call__(self, x):
-    x = nn.Conv(self.features, self.kernel_size, strides=self.strides, padding=self.padding, use_bias=False,
-                precision=self.precision, name="conv")(x)
-    x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x)
+    x = nn.Conv(self.features, self.kernel_size, strides=self.strides, padding=self.padding,
+                use_bias=self.folded, precision=self.precision, name="conv")(x)
+    if not self.folded:
+      x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPSILON, name="bn")(x)
     return nn.relu(x)
 
 
@@ -98,10 +127,12 @@ def _max_pool_3x3_stride2(x):
 class FIDInceptionA(nn.Module):
   pool_features: int
   precision: str = "highest"
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda f, k, name: BasicConv2d(f, k, padding=_pad(*k), precision=self.precision, name=name)
+    conv = lambda f, k, name: BasicConv2d(f, k, padding=_pad(*k), precision=self.precision, folded=self.folded,
+                                          name=name)
     b1 = conv(64, (1, 1), "branch1x1")(x)
     b5 = conv(48, (1, 1), "branch5x5_1")(x)
     b5 = conv(64, (5, 5), "branch5x5_2")(b5)
@@ -114,13 +145,15 @@ class FIDInceptionA(nn.Module):
 
 class InceptionB(nn.Module):
   precision: str = "highest"
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x):
-    b3 = BasicConv2d(384, (3, 3), strides=2, precision=self.precision, name="branch3x3")(x)
-    bd = BasicConv2d(64, (1, 1), precision=self.precision, name="branch3x3dbl_1")(x)
-    bd = BasicConv2d(96, (3, 3), padding=_pad(3, 3), precision=self.precision, name="branch3x3dbl_2")(bd)
-    bd = BasicConv2d(96, (3, 3), strides=2, precision=self.precision, name="branch3x3dbl_3")(bd)
+    conv = functools.partial(BasicConv2d, precision=self.precision, folded=self.folded)
+    b3 = conv(384, (3, 3), strides=2, name="branch3x3")(x)
+    bd = conv(64, (1, 1), name="branch3x3dbl_1")(x)
+    bd = conv(96, (3, 3), padding=_pad(3, 3), name="branch3x3dbl_2")(bd)
+    bd = conv(96, (3, 3), strides=2, name="branch3x3dbl_3")(bd)
     return jnp.concatenate([b3, bd, _max_pool_3x3_stride2(x)], axis=-1)
 
 
@@ -128,11 +161,13 @@ class FIDInceptionC(nn.Module):
   """Returns (output, branch1x1 output); the latter gives the sFID features at Mixed_6d."""
   channels_7x7: int
   precision: str = "highest"
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x):
     c7 = self.channels_7x7
-    conv = lambda f, k, name: BasicConv2d(f, k, padding=_pad(*k), precision=self.precision, name=name)
+    conv = lambda f, k, name: BasicConv2d(f, k, padding=_pad(*k), precision=self.precision, folded=self.folded,
+                                          name=name)
     b1 = conv(192, (1, 1), "branch1x1")(x)
     b7 = conv(c7, (1, 1), "branch7x7_1")(x)
     b7 = conv(c7, (1, 7), "branch7x7_2")(b7)
@@ -148,11 +183,13 @@ class FIDInceptionC(nn.Module):
 
 class InceptionD(nn.Module):
   precision: str = "highest"
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x):
     conv = lambda f, k, name, s=1: BasicConv2d(
-        f, k, strides=s, padding=_pad(*k) if s == 1 else "VALID", precision=self.precision, name=name)
+        f, k, strides=s, padding=_pad(*k) if s == 1 else "VALID", precision=self.precision, folded=self.folded,
+        name=name)
     b3 = conv(192, (1, 1), "branch3x3_1")(x)
     b3 = conv(320, (3, 3), "branch3x3_2", 2)(b3)
     b7 = conv(192, (1, 1), "branch7x7x3_1")(x)
@@ -166,10 +203,12 @@ class FIDInceptionE(nn.Module):
   """FIDInceptionE_1 (pool="avg", Mixed_7b) and FIDInceptionE_2 (pool="max", Mixed_7c)."""
   pool: str
   precision: str = "highest"
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda f, k, name: BasicConv2d(f, k, padding=_pad(*k), precision=self.precision, name=name)
+    conv = lambda f, k, name: BasicConv2d(f, k, padding=_pad(*k), precision=self.precision, folded=self.folded,
+                                          name=name)
     b1 = conv(320, (1, 1), "branch1x1")(x)
     b3 = conv(384, (1, 1), "branch3x3_1")(x)
     b3 = jnp.concatenate([conv(384, (1, 3), "branch3x3_2a")(b3), conv(384, (3, 1), "branch3x3_2b")(b3)], axis=-1)
@@ -186,6 +225,7 @@ class FIDInceptionV3(nn.Module):
   """The FID Inception-v3. See the module docstring for inputs and outputs."""
   with_logits: bool = False
   precision: str = "highest"  # full float32 convs on accelerators too (TF32/bf16 would shift FID)
+  folded: bool = False
 
   @nn.compact
   def __call__(self, x) -> dict[str, jax.Array]:
@@ -193,24 +233,24 @@ class FIDInceptionV3(nn.Module):
       raise ValueError(f"FIDInceptionV3 expects NHWC images of shape [B, 299, 299, 3]; got {x.shape}. "
                        "Resize with msfp_jax.eval.preprocess first.")
     p = self.precision
-    x = BasicConv2d(32, (3, 3), strides=2, precision=p, name="Conv2d_1a_3x3")(x)
-    x = BasicConv2d(32, (3, 3), precision=p, name="Conv2d_2a_3x3")(x)
-    x = BasicConv2d(64, (3, 3), padding=_pad(3, 3), precision=p, name="Conv2d_2b_3x3")(x)
+    x = BasicConv2d(32, (3, 3), strides=2, precision=p, folded=self.folded, name="Conv2d_1a_3x3")(x)
+    x = BasicConv2d(32, (3, 3), precision=p, folded=self.folded, name="Conv2d_2a_3x3")(x)
+    x = BasicConv2d(64, (3, 3), padding=_pad(3, 3), precision=p, folded=self.folded, name="Conv2d_2b_3x3")(x)
     x = _max_pool_3x3_stride2(x)
-    x = BasicConv2d(80, (1, 1), precision=p, name="Conv2d_3b_1x1")(x)
-    x = BasicConv2d(192, (3, 3), precision=p, name="Conv2d_4a_3x3")(x)
+    x = BasicConv2d(80, (1, 1), precision=p, folded=self.folded, name="Conv2d_3b_1x1")(x)
+    x = BasicConv2d(192, (3, 3), precision=p, folded=self.folded, name="Conv2d_4a_3x3")(x)
     x = _max_pool_3x3_stride2(x)
-    x = FIDInceptionA(32, precision=p, name="Mixed_5b")(x)
-    x = FIDInceptionA(64, precision=p, name="Mixed_5c")(x)
-    x = FIDInceptionA(64, precision=p, name="Mixed_5d")(x)
-    x = InceptionB(precision=p, name="Mixed_6a")(x)
-    x, _ = FIDInceptionC(128, precision=p, name="Mixed_6b")(x)
-    x, _ = FIDInceptionC(160, precision=p, name="Mixed_6c")(x)
-    x, mixed_6d_branch1x1 = FIDInceptionC(160, precision=p, name="Mixed_6d")(x)
-    x, _ = FIDInceptionC(192, precision=p, name="Mixed_6e")(x)
-    x = InceptionD(precision=p, name="Mixed_7a")(x)
-    x = FIDInceptionE("avg", precision=p, name="Mixed_7b")(x)
-    x = FIDInceptionE("max", precision=p, name="Mixed_7c")(x)
+    x = FIDInceptionA(32, precision=p, folded=self.folded, name="Mixed_5b")(x)
+    x = FIDInceptionA(64, precision=p, folded=self.folded, name="Mixed_5c")(x)
+    x = FIDInceptionA(64, precision=p, folded=self.folded, name="Mixed_5d")(x)
+    x = InceptionB(precision=p, folded=self.folded, name="Mixed_6a")(x)
+    x, _ = FIDInceptionC(128, precision=p, folded=self.folded, name="Mixed_6b")(x)
+    x, _ = FIDInceptionC(160, precision=p, folded=self.folded, name="Mixed_6c")(x)
+    x, mixed_6d_branch1x1 = FIDInceptionC(160, precision=p, folded=self.folded, name="Mixed_6d")(x)
+    x, _ = FIDInceptionC(192, precision=p, folded=self.folded, name="Mixed_6e")(x)
+    x = InceptionD(precision=p, folded=self.folded, name="Mixed_7a")(x)
+    x = FIDInceptionE("avg", precision=p, folded=self.folded, name="Mixed_7b")(x)
+    x = FIDInceptionE("max", precision=p, folded=self.folded, name="Mixed_7c")(x)
     pool3 = jnp.mean(x, axis=(1, 2))
     spatial = mixed_6d_branch1x1[..., :SPATIAL_CHANNELS]
     out = {"pool3": pool3, "spatial": spatial.reshape(spatial.shape[0], -1)}

@@ -116,14 +116,37 @@ def test_pytorch_fid_pth_gives_same_features_and_logits_without_bias(tmp_path, t
   np.testing.assert_allclose(np.asarray(out["logits"]), expected_logits, rtol=1e-4, atol=1e-5)
 
 
-def test_params_tree_has_exactly_the_model_leaves(flax_net):
+def _shapes(tree):
+  return {jax.tree_util.keystr(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_params_tree_has_exactly_the_model_leaves(fid_torchscript_path, flax_net):
   """Every leaf loaded from the file exists in model.init's tree with the same shape, and vice versa."""
-  shapes = lambda tree: {jax.tree_util.keystr(p): tuple(leaf.shape)
-                         for p, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-  expected = shapes(inception_weights.expected_variables(with_logits=False))
-  assert shapes(flax_net.variables) == expected
+  unfolded = load_inception(fid_torchscript_path, fold=False)
+  expected = _shapes(inception_weights.expected_variables(with_logits=False))
+  assert _shapes(unfolded.variables) == expected
   assert len(expected) == 94 * 5  # conv kernel, BN scale, bias, mean, var per BasicConv2d
   assert len(inception_lib.basic_conv_paths()) == 94
+  # Folded (the default): a kernel and a bias per conv, exactly the folded model's init tree.
+  folded_init = inception_lib.FIDInceptionV3(folded=True).init(jax.random.key(0), np.zeros((1, 299, 299, 3)))
+  assert _shapes(flax_net.variables) == _shapes(folded_init) and len(_shapes(flax_net.variables)) == 94 * 2
+
+
+def test_folded_batch_norm_equals_the_unfolded_network(fid_torchscript_path, flax_net, flax_out, batch):
+  _, x299, _ = batch
+  unfolded = load_inception(fid_torchscript_path, fold=False)
+  with jax.default_matmul_precision("highest"):
+    out = jax.tree.map(np.asarray, jax.jit(unfolded.apply)(x299))
+  assert np.max(_relative_errors(flax_out["pool3"], out["pool3"])) <= 1e-5
+  assert np.max(_relative_errors(flax_out["spatial"], out["spatial"])) <= 1e-5
+  # The fold itself, against float64 arithmetic on one layer.
+  conv = unfolded.variables["params"]["Conv2d_1a_3x3"]
+  stats = unfolded.variables["batch_stats"]["Conv2d_1a_3x3"]["bn"]
+  scale = np.asarray(conv["bn"]["scale"], np.float64) / np.sqrt(np.asarray(stats["var"], np.float64) + 1e-3)
+  folded = flax_net.variables["params"]["Conv2d_1a_3x3"]["conv"]
+  np.testing.assert_allclose(folded["kernel"], np.asarray(conv["conv"]["kernel"], np.float64) * scale, rtol=1e-6)
+  np.testing.assert_allclose(folded["bias"], np.asarray(conv["bn"]["bias"], np.float64)
+                             - np.asarray(stats["mean"], np.float64) * scale, rtol=1e-6, atol=1e-7)
 
 
 def test_sha256_of_weights_file(flax_net, fid_torchscript_path):
