@@ -40,6 +40,9 @@ def get_config(arg=None):
   config.train.ema_decay = 0.995
   config.train.log_every = 25
   config.train.checkpoint_every = 100
+  # A converted model (a path or builtin:NAME) to warm-start from when WORKDIR has no checkpoint: a new
+  # machine goes on from the shipped weights (Adam's moments restart; see train_fp.warm_start).
+  config.train.init_from = ""
 
   # The grid of samples written at the end (and the protocol of the shipped samples PNG).
   config.sample = ml_collections.ConfigDict(dict(num_samples=64, kind="ddim", num_steps=100, eta=0.0,

@@ -11,6 +11,7 @@ DIR/metrics.jsonl (msfp_jax.metrics).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import time
@@ -25,6 +26,7 @@ from msfp_jax import checkpoint, metrics
 from msfp_jax.data import cifar10, digits
 from msfp_jax.diffusion import SamplerConfig, make_schedule, sample
 from msfp_jax.models import build_model, save_converted
+from msfp_jax.models import load as load_model
 
 
 class TrainingDivergedError(RuntimeError):
@@ -136,7 +138,7 @@ def _resumable(config_dict: dict) -> dict:
   """The parts of a config that must match to resume: all but the step budget, logging cadence and
   where the data lives. Normalized through JSON (the saved config comes back with lists for tuples)."""
   result = json.loads(json.dumps(config_dict))
-  for key in ("num_steps", "log_every", "checkpoint_every", "stop_after_seconds"):
+  for key in ("num_steps", "log_every", "checkpoint_every", "stop_after_seconds", "init_from"):
     result.get("train", {}).pop(key, None)
   for key in ("data_dir", "archive", "source"):  # where the data lives (its hash is checked on load)
     result.get("data", {}).pop(key, None)
@@ -162,6 +164,31 @@ def changed_fields(saved_config: dict, config_dict: dict) -> list[str]:
           for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
+def warm_start(state: dict, config, model_path: str) -> tuple[dict, dict]:
+  """`state` with params and EMA set to an exported model's (EMA) weights and the step counter at its
+  training step, so a stretch on a machine without the checkpoints goes on from the shipped model.
+
+  Returns (state, the model's recorded training dict). Adam's moments are not exported: they start at zero,
+  and the learning-rate warm-up (counted by the optimizer) runs again, which is what protects them.
+  """
+  _, variables, meta = load_model(model_path)
+  if meta["architecture"] != config.model.architecture:
+    raise ValueError(f"train.init_from={model_path!r} is a {meta['architecture']!r} model; the config trains "
+                     f"{config.model.architecture!r}. Warm-start from a model of this config, or leave init_from "
+                     "empty.")
+  want = dataclasses.asdict(build_model(config.model.architecture, config.model.config.to_dict())[1])
+  have = dataclasses.asdict(build_model(meta["architecture"], meta["config"])[1])
+  if want != have:
+    diffs = [f"{k}: {have.get(k)!r} (model) vs {want.get(k)!r} (config)" for k in sorted(want)
+             if want.get(k) != have.get(k)]
+    raise ValueError(f"train.init_from={model_path!r} is another architecture than the config: "
+                     f"{'; '.join(diffs)}. Warm-start from a model of this config, or leave init_from empty.")
+  params = jax.tree.map(lambda p, q: jnp.asarray(q, p.dtype), state["params"], variables["params"])
+  training = meta.get("training", {})
+  step = jnp.asarray(int(training.get("steps", 0)), jnp.int32)
+  return {**state, "step": step, "params": params, "ema_params": jax.tree.map(jnp.copy, params)}, training
+
+
 def train_and_evaluate(config, workdir) -> dict[str, Any]:
   """Trains (resuming from WORKDIR/checkpoints), exports the EMA model and writes sample/data grids."""
   workdir = pathlib.Path(workdir)
@@ -180,6 +207,7 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
 
   manager = checkpoint.CheckpointManager(workdir / "checkpoints", max_to_keep=2)
   latest = manager.latest_step()
+  earlier_training: dict = {}
   if latest is not None:
     # The config first: another architecture must be named field by field, not as an orbax tree mismatch.
     saved_config = manager.saved_config(latest)
@@ -190,6 +218,10 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
     restored, _ = manager.restore(latest, target=state)
     state = jax.tree.map(jnp.asarray, restored)
     print(f"Resuming from step {latest}.", flush=True)
+  elif config.train.get("init_from"):
+    state, earlier_training = warm_start(state, config, config.train.init_from)
+    print(f"Warm start from {config.train.init_from} (its step {int(state['step'])}; Adam moments and the "
+          "learning-rate warm-up start afresh).", flush=True)
 
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
   writer = metrics.create_writer(workdir)
@@ -202,7 +234,10 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   start_time = time.time()
   # Wall time of earlier stretches, so the model card states the whole cost.
   wall_file = workdir / "train_wall_seconds.json"
-  earlier = checkpoint.load_json(wall_file) if wall_file.is_file() and latest is not None else {}
+  if latest is not None:
+    earlier = checkpoint.load_json(wall_file) if wall_file.is_file() else {}
+  else:
+    earlier = {"seconds": earlier_training.get("wall_seconds", 0.0)} if config.train.get("init_from") else {}
   stop_after = float(config.train.get("stop_after_seconds", 0) or 0)
   last = {}
   step = start_step

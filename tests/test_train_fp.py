@@ -90,3 +90,30 @@ def test_stop_after_seconds_checkpoints_and_exports_then_resumes(tmp_path):
   assert result["final_step"] == 4
   wall = json.loads((tmp_path / "run" / "train_wall_seconds.json").read_text())
   assert wall["step"] == 4 and wall["seconds"] >= result["train_seconds_this_run"]
+
+
+def test_init_from_an_exported_model_goes_on_from_its_weights_and_step(tmp_path):
+  config = runlocal(num_steps=2)
+  config.data.data_dir = str(tmp_path / "tfds")
+  config.sample.num_samples = 0
+  train_fp.train_and_evaluate(config, tmp_path / "first")
+  _, shipped, shipped_meta = load(tmp_path / "first" / "model")
+
+  # A workdir without checkpoints (a new machine) warm-starts from the exported EMA weights at their step.
+  config.train.num_steps = 4  # the optimizer's warm-up restarts: its first step has learning rate 0
+  config.train.init_from = str(tmp_path / "first" / "model")
+  result = train_fp.train_and_evaluate(config, tmp_path / "second")
+  assert result["final_step"] == 4 and result["images_seen"] == 16
+  meta = load(tmp_path / "second" / "model")[2]
+  assert meta["training"]["steps"] == 4
+  assert meta["training"]["wall_seconds"] >= shipped_meta["training"]["wall_seconds"]
+  # Two steps from the shipped weights: close to them, not a fresh initialization.
+  state, _ = checkpoint.CheckpointManager(tmp_path / "second" / "checkpoints").restore(4)
+  distance = max(float(np.max(np.abs(a - b))) for a, b in
+                 zip(jax.tree.leaves(state["params"]), jax.tree.leaves(shipped["params"])))
+  assert 0 < distance < 0.1
+
+  # init_from a model of another width: refused, naming the field.
+  config.model.config.ch = 16
+  with pytest.raises(ValueError, match=r"another architecture than the config: ch: 8 \(model\) vs 16"):
+    train_fp.train_and_evaluate(config, tmp_path / "third")
