@@ -74,14 +74,20 @@ class ResBlock(nn.Module):
 
 
 class AttnBlock(nn.Module):
-  """Single-head self-attention over the H*W positions with a residual connection (DDPM AttnBlock).
+  """Self-attention over the H*W positions with a residual connection (DDPM AttnBlock; multi-head optional).
 
   q, k, v and proj_out are Dense layers over [B, HW, C] (the checkpoints' 1x1 convs / Linears convert to
   them); the score and value products are the `MatMul` modules `qk_matmul` and `av_matmul`.
+
+  `head_channels=None` (DDPM) is one head over all C channels. Otherwise C // head_channels heads of
+  `head_channels` channels each, head h taking channels [h * head_channels, (h + 1) * head_channels) of q, k
+  and v, scores scaled by head_channels**-0.5 (diffusers' UNet2DModel `attention_head_dim`). The matmuls then
+  carry a head axis: scores [B, heads, HW, HW].
   """
 
   num_groups: int = 32
   eps: float = 1e-6
+  head_channels: int | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -90,9 +96,17 @@ class AttnBlock(nn.Module):
     q = nn.Dense(channels, name="q")(h)
     k = nn.Dense(channels, name="k")(h)
     v = nn.Dense(channels, name="v")(h)
-    scores = MatMul("bqc,bkc->bqk", name="qk_matmul")(q, k) * (channels ** -0.5)
-    weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-    h = MatMul("bqk,bkc->bqc", name="av_matmul")(weights, v)
+    if self.head_channels is None or self.head_channels == channels:
+      scores = MatMul("bqc,bkc->bqk", name="qk_matmul")(q, k) * (channels ** -0.5)
+      weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+      h = MatMul("bqk,bkc->bqc", name="av_matmul")(weights, v)
+    else:
+      if channels % self.head_channels:
+        raise ValueError(f"{channels} channels cannot be split into heads of {self.head_channels} channels.")
+      split = lambda a: a.reshape(batch, height * width, channels // self.head_channels, self.head_channels)
+      scores = MatMul("bqhd,bkhd->bhqk", name="qk_matmul")(split(q), split(k)) * (self.head_channels ** -0.5)
+      weights = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
+      h = MatMul("bhqk,bkhd->bqhd", name="av_matmul")(weights, split(v)).reshape(batch, height * width, channels)
     h = nn.Dense(channels, name="proj_out")(h)
     return x + h.reshape(batch, height, width, channels)
 

@@ -44,6 +44,9 @@ class DDPMUNetConfig:
   freq_shift: float = 1.0
   downsample_padding: int = 0  # 0: DDPM's asymmetric (0,1,0,1) pad; 1: diffusers' symmetric padding 1
   mid_attention: bool = True  # the middle block's attention (diffusers' add_attention)
+  # Channels per attention head, the same at every attention layer (heads = width // attn_head_channels:
+  # diffusers' UNet2DModel attention_head_dim); None: one head over all channels, as in DDPM.
+  attn_head_channels: int | None = None
 
   def __post_init__(self):
     # JSON gives lists; the config is hashable and comparable only with tuples.
@@ -63,6 +66,12 @@ class DDPMUNetConfig:
   @property
   def temb_channels(self) -> int:
     return 4 * self.ch
+
+  @property
+  def attention_widths(self) -> tuple[int, ...]:
+    """Channel counts of the attention layers (each level with attention, then the middle block's)."""
+    widths = [self.ch * m for m, r in zip(self.ch_mult, self.level_resolutions) if r in self.attn_resolutions]
+    return tuple(widths + ([self.ch * self.ch_mult[-1]] if self.mid_attention else []))
 
   def problems(self) -> list[str]:
     """Everything that makes this configuration impossible to build, as readable sentences."""
@@ -102,6 +111,15 @@ class DDPMUNetConfig:
       p.append(f"freq_shift {self.freq_shift} divides by zero for a {self.ch}-wide timestep embedding")
     if self.norm_eps <= 0:
       p.append(f"norm_eps must be positive, got {self.norm_eps}")
+    head = self.attn_head_channels
+    if head is not None:
+      if not isinstance(head, int) or isinstance(head, bool) or head < 1:
+        p.append(f"attn_head_channels must be None (single-head) or a positive integer, got {head!r}")
+      else:
+        bad_heads = sorted({w for w in self.attention_widths if w % head})
+        if bad_heads:
+          p.append(f"attention widths {bad_heads} cannot be split into heads of attn_head_channels={head} "
+                   "channels")
     return p
 
   def to_dict(self) -> dict:
@@ -166,6 +184,7 @@ class DDPMUNet(nn.Module):
     self._check_inputs(x, t, y)
     norm = dict(num_groups=c.num_groups, eps=c.norm_eps)
     block = dict(dropout=c.dropout, **norm)
+    attn = dict(head_channels=c.attn_head_channels, **norm)
 
     temb = timestep_embedding(t, c.ch, flip_sin_to_cos=c.flip_sin_to_cos, freq_shift=c.freq_shift)
     temb = nn.Dense(c.temb_channels, name="temb_dense_0")(temb)
@@ -181,7 +200,7 @@ class DDPMUNet(nn.Module):
       for j in range(c.num_res_blocks):
         h = ResBlock(c.ch * c.ch_mult[i], name=f"down_{i}_block_{j}", **block)(hs[-1], temb, train=train)
         if res in c.attn_resolutions:
-          h = AttnBlock(name=f"down_{i}_attn_{j}", **norm)(h)
+          h = AttnBlock(name=f"down_{i}_attn_{j}", **attn)(h)
         hs.append(h)
       if i != levels - 1:
         hs.append(Downsample(c.resamp_with_conv, c.downsample_padding, name=f"down_{i}_downsample")(hs[-1]))
@@ -190,7 +209,7 @@ class DDPMUNet(nn.Module):
     h = hs[-1]
     h = ResBlock(h.shape[-1], name="mid_block_1", **block)(h, temb, train=train)
     if c.mid_attention:
-      h = AttnBlock(name="mid_attn_1", **norm)(h)
+      h = AttnBlock(name="mid_attn_1", **attn)(h)
     h = ResBlock(h.shape[-1], name="mid_block_2", **block)(h, temb, train=train)
 
     # Up: num_res_blocks + 1 ResBlocks per level, each fed the running h concatenated with one skip.
@@ -199,7 +218,7 @@ class DDPMUNet(nn.Module):
         h = jnp.concatenate([h, hs.pop()], axis=-1)
         h = ResBlock(c.ch * c.ch_mult[i], name=f"up_{i}_block_{j}", **block)(h, temb, train=train)
         if res in c.attn_resolutions:
-          h = AttnBlock(name=f"up_{i}_attn_{j}", **norm)(h)
+          h = AttnBlock(name=f"up_{i}_attn_{j}", **attn)(h)
       if i != 0:
         h = Upsample(c.resamp_with_conv, name=f"up_{i}_upsample")(h)
         res *= 2

@@ -89,6 +89,115 @@ def test_every_linear_map_and_attention_product_is_an_interceptable_module():
     assert owners[module_path] in ("Conv", "Dense", "GroupNorm"), module_path
 
 
+def _attn_reference(params, x, heads, eps):
+  """Float64 numpy multi-head self-attention block (GroupNorm, per-head softmax(q k^T / sqrt(d)) v, proj, +x)."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+  b, hgt, wid, c = x.shape
+  xg = np.asarray(x, np.float64).reshape(b, hgt * wid, 32, c // 32)
+  mean = xg.mean(axis=(1, 3), keepdims=True)
+  var = xg.var(axis=(1, 3), keepdims=True)
+  h = ((xg - mean) / np.sqrt(var + eps)).reshape(b, hgt * wid, c) * p["norm"]["scale"] + p["norm"]["bias"]
+  dense = lambda name, a: a @ p[name]["kernel"] + p[name]["bias"]
+  d = c // heads
+  split = lambda a: a.reshape(b, hgt * wid, heads, d).transpose(0, 2, 1, 3)  # [b, heads, n, d]
+  q, k, v = (split(dense(n, h)) for n in ("q", "k", "v"))
+  s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(d)
+  w = np.exp(s - s.max(-1, keepdims=True))
+  w /= w.sum(-1, keepdims=True)
+  out = (w @ v).transpose(0, 2, 1, 3).reshape(b, hgt * wid, c)
+  return np.asarray(x, np.float64) + dense("proj_out", out).reshape(b, hgt, wid, c)
+
+
+@pytest.mark.parametrize("head_channels, heads", [(None, 1), (64, 1), (16, 4), (8, 8)])
+def test_attention_block_heads_match_float64_reference(head_channels, heads):
+  from msfp_jax.models.layers import AttnBlock
+  block = AttnBlock(head_channels=head_channels)
+  x = jax.random.normal(jax.random.key(0), (2, 4, 4, 64))
+  params = block.init(jax.random.key(1), x)["params"]
+  params = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(jax.random.key(2), a.shape), params)
+  with jax.default_matmul_precision("highest"):
+    out = block.apply({"params": params}, x)
+  np.testing.assert_allclose(out, _attn_reference(params, x, heads, 1e-6), rtol=1e-5, atol=1e-5)
+  if heads > 1:  # and it is not the single-head result
+    assert not np.allclose(out, _attn_reference(params, x, 1, 1e-6), atol=1e-3)
+
+
+def test_single_head_model_is_unchanged_by_the_head_field():
+  """attn_head_channels defaults to None (DDPM, one head); equal to every attention width it is the same
+  network, with the same parameters, the same head-free matmul shapes and bit-identical outputs."""
+  assert DDPMUNetConfig().attn_head_channels is None and PRESETS["cifar10"].attn_head_channels is None
+  base = DDPMUNet(config=DDPMUNetConfig(**TINY))
+  same = DDPMUNet(config=DDPMUNetConfig(**TINY, attn_head_channels=64))  # attention widths: [64, 64]
+  assert DDPMUNetConfig(**TINY).attention_widths == (64, 64)
+  assert jax.tree.map(lambda a: a.shape, abstract_params(same)) == jax.tree.map(lambda a: a.shape,
+                                                                                abstract_params(base))
+  variables = _random_variables(base)
+  x, t = jnp.ones((2, 8, 8, 3)), jnp.array([5, 700], jnp.int32)
+  shapes = {}
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if isinstance(context.module, MatMul):
+      shapes["/".join(context.module.path)] = out.shape
+    return out
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(base.apply, variables, x, t)
+  assert shapes["mid_attn_1/qk_matmul"] == (2, 16, 16) and shapes["mid_attn_1/av_matmul"] == (2, 16, 64)
+  np.testing.assert_array_equal(jax.jit(same.apply)(variables, x, t), jax.jit(base.apply)(variables, x, t))
+  # A model_config.json written before the field existed (no attn_head_channels key) builds the same model.
+  legacy = {k: v for k, v in DDPMUNetConfig(**TINY).to_dict().items() if k != "attn_head_channels"}
+  assert build_model("ddpm_unet", legacy)[1] == DDPMUNetConfig(**TINY)
+
+
+def test_multi_head_matmuls_are_interceptable_modules_with_a_head_axis():
+  model = DDPMUNet(config=DDPMUNetConfig(**TINY, attn_head_channels=16))
+  x, t = model.example_inputs(2)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x, t)
+  shapes = {}
+
+  def record(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if type(context.module).__name__ == "MatMul":
+      shapes["/".join(context.module.path)] = (tuple(a.shape for a in args), out.shape)
+    return out
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(model.apply, variables, x, t)
+  attn = ["down_1_attn_0", "down_1_attn_1", "mid_attn_1", "up_1_attn_0", "up_1_attn_1", "up_1_attn_2"]
+  assert sorted(shapes) == sorted(f"{a}/{m}" for a in attn for m in ("qk_matmul", "av_matmul"))
+  assert shapes["mid_attn_1/qk_matmul"] == (((2, 16, 4, 16), (2, 16, 4, 16)), (2, 4, 16, 16))
+  assert shapes["mid_attn_1/av_matmul"] == (((2, 4, 16, 16), (2, 16, 4, 16)), (2, 16, 4, 16))
+
+
+def test_multi_head_model_quantizes_with_attention_matmuls_and_packs(tmp_path):
+  """The interceptor (per-tensor matmul quantizers) and the packed export take the head axis as it comes."""
+  from msfp_jax.quant import QuantConfig, QuantRule, calibrate, prequantize_weights, quantized_apply
+  from msfp_jax.quant.packed import export_packed, load_packed
+  config = DDPMUNetConfig(**{**TINY, "num_res_blocks": 1}, attn_head_channels=16)
+  model = DDPMUNet(config=config)
+  variables = _random_variables(model)
+  rng = np.random.default_rng(3)
+  batches = [(jnp.asarray(rng.standard_normal((2, 8, 8, 3)), jnp.float32), jnp.array([10 * i, 900], jnp.int32))
+             for i in range(2)]
+  qconfig = QuantConfig(weight_bits=4, act_bits=4, rules=(QuantRule(path=".*", module_types=("MatMul",),
+                                                                    act_bits=8),))
+  qstate = calibrate(model, variables, batches, qconfig)
+  matmuls = sorted(p for p, layer in qstate.layers.items() if layer.is_matmul)
+  assert matmuls == sorted(f"{a}/{m}" for a in ("down_1_attn_0", "mid_attn_1", "up_1_attn_0", "up_1_attn_1")
+                           for m in ("qk_matmul", "av_matmul"))
+  x, t = batches[0]
+  fp = np.asarray(jax.jit(model.apply)(variables, x, t))
+  run = jax.jit(lambda v, s: quantized_apply(model, prequantize_weights(v, s), s, x, t, weights_prequantized=True))
+  out = np.asarray(run(variables, qstate))
+  assert np.all(np.isfinite(out)) and not np.allclose(out, fp)
+  assert np.linalg.norm(out - fp) < 0.5 * np.linalg.norm(fp)
+  export_packed(tmp_path / "m.msfp", [variables], qstate)
+  packed = load_packed(tmp_path / "m.msfp")
+  np.testing.assert_allclose(np.asarray(run(packed.variables_per_bank[0], packed.qstate)), out, rtol=1e-6,
+                             atol=1e-6)
+
+
 def test_timestep_embedding_matches_ddpm_formula_in_float64():
   t = np.array([0, 1, 17, 999])
   dim = 10
@@ -155,6 +264,8 @@ def test_bad_inputs_are_named(tiny):
     ({"resolution": 9}, "not divisible by 2\\*\\*1"),
     ({"num_res_blocks": 0}, "num_res_blocks must be a positive integer"),
     ({"dropout": 1.0}, "dropout must be in"),
+    ({"attn_head_channels": 24}, r"attention widths \[64\] cannot be split into heads of attn_head_channels=24"),
+    ({"attn_head_channels": 0}, "attn_head_channels must be None"),
 ])
 def test_impossible_configs_are_refused(change, message):
   with pytest.raises(InvalidModelConfigError, match=message):

@@ -1,8 +1,8 @@
 """diffusers UNet2DModel folders (config.json + diffusion_pytorch_model.{safetensors,bin}) -> DDPMUNet.
 
 Only the UNet2DModel variants that are the DDPM UNet are accepted (positional timestep embedding, SiLU,
-single-head attention, "default" time-embedding injection, ...); anything else is refused with the config
-field that makes it different, rather than converted into a network that computes something else.
+"default" time-embedding injection, ...; single- or multi-head attention); anything else is refused with the
+config field that makes it different, rather than converted into a network that computes something else.
 """
 from __future__ import annotations
 
@@ -72,11 +72,21 @@ def diffusers_config_to_ddpm(config: dict[str, Any]) -> DDPMUNetConfig:
   time_dim = config.get("time_embedding_dim")
   if time_dim is not None and time_dim != 4 * ch:
     raise ConversionError(f"time_embedding_dim={time_dim}; DDPM's time embedding has 4 * ch = {4 * ch} channels.")
-  head_dim = config.get("attention_head_dim")
+  # attention_head_dim is channels per head: every attention layer of width w has w // attention_head_dim
+  # heads (unet_2d.py; null means one head of w channels). A missing key is UNet2DModel's default, 8.
+  head_dim = config.get("attention_head_dim", 8)
   attn_widths = [boc[i] for i in attn_levels] + ([boc[-1]] if config.get("add_attention", True) else [])
-  if head_dim is not None and any(w != head_dim for w in attn_widths):
-    raise ConversionError(f"attention_head_dim={head_dim} gives multi-head attention at widths {attn_widths}; "
-                          "DDPM attention is single-head (attention_head_dim null or equal to the channel count).")
+  if head_dim is not None:
+    if not isinstance(head_dim, int) or isinstance(head_dim, bool) or head_dim < 1:
+      raise ConversionError(f"attention_head_dim={head_dim!r}; it must be null or a positive integer (channels "
+                            "per attention head).")
+    uneven = sorted({w for w in attn_widths if w % head_dim})
+    if uneven:
+      raise ConversionError(f"attention_head_dim={head_dim} does not divide the attention widths {uneven}: "
+                            f"diffusers then projects q, k, v to (width // {head_dim}) * {head_dim} channels, "
+                            "which DDPMUNet's attention (q, k, v as wide as the block) cannot express.")
+    if all(w == head_dim for w in attn_widths):
+      head_dim = None  # one head per attention layer (or no attention at all): the DDPM layout
   groups = config.get("norm_num_groups") or 32
   attn_groups = config.get("attn_norm_num_groups")
   if attn_groups is not None and attn_groups != groups:
@@ -99,7 +109,7 @@ def diffusers_config_to_ddpm(config: dict[str, Any]) -> DDPMUNetConfig:
         num_groups=groups, norm_eps=float(config.get("norm_eps", 1e-5)),
         flip_sin_to_cos=bool(config.get("flip_sin_to_cos", True)), freq_shift=float(config.get("freq_shift", 0)),
         downsample_padding=int(config.get("downsample_padding", 1)),
-        mid_attention=bool(config.get("add_attention", True)))
+        mid_attention=bool(config.get("add_attention", True)), attn_head_channels=head_dim)
   except InvalidModelConfigError as e:
     raise ConversionError(f"The UNet2DModel config describes an impossible DDPM UNet: {e}") from e
 

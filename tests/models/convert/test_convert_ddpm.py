@@ -42,7 +42,20 @@ CONFIGS = {
         sample_size=8, in_channels=1, out_channels=2, block_out_channels=(32, 96), layers_per_block=1,
         down_block_types=("AttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "AttnUpBlock2D"),
         norm_num_groups=16, num_class_embeds=5, **COMMON),
+    # Multi-head attention as diffusers' unconditional training example builds it (attention_head_dim=8, the
+    # UNet2DModel default: channels per head): 2 heads at width 16, 4 at width 32 and in the middle block.
+    "multi_head_dim8": dict(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("AttnDownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "AttnUpBlock2D"),
+        norm_num_groups=8, **{**COMMON, "attention_head_dim": 8}),
+    # attention_head_dim equal to the width of every attention layer: one head, the DDPM layout.
+    "single_head_explicit": dict(
+        sample_size=8, in_channels=3, out_channels=3, block_out_channels=(32, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8, **DDPM_STYLE, **{**COMMON, "attention_head_dim": 32}),
 }
+# DDPMUNetConfig.attn_head_channels each converts to (None: single-head).
+HEAD_CHANNELS = {"multi_head_dim8": 8}
 
 
 def _inputs(name: str, config: dict):
@@ -101,6 +114,29 @@ def test_diffusers_folder_matches_pytorch(name, diffusers_models, helpers, tmp_p
   assert eps.shape == expected.shape
   assert helpers.relative_error(eps, expected) <= 1e-4
   assert meta["config"]["resolution"] == config["sample_size"]
+  assert meta["config"]["attn_head_channels"] == HEAD_CHANNELS.get(name)
+
+
+def test_multi_head_model_has_several_heads_in_diffusers(diffusers_models):
+  # The reference really is multi-head (heads = width // attention_head_dim), so the parity above tests heads.
+  model = diffusers_models["multi_head_dim8"]
+  assert [a.heads for a in model.down_blocks[0].attentions] == [2]
+  assert [a.heads for a in model.down_blocks[1].attentions] == [4]
+  assert model.mid_block.attentions[0].heads == 4
+  assert diffusers_models["single_head_explicit"].mid_block.attentions[0].heads == 1
+
+
+def test_missing_attention_head_dim_means_diffusers_default_8(diffusers_models, tmp_path):
+  """A config.json without attention_head_dim is UNet2DModel's default (8 channels per head), not single-head."""
+  from diffusers import UNet2DModel
+  folder = tmp_path / "hf"
+  diffusers_models["multi_head_dim8"].save_pretrained(folder)
+  config = json.loads((folder / "config.json").read_text())
+  del config["attention_head_dim"]
+  (folder / "config.json").write_text(json.dumps(config))
+  assert UNet2DModel.from_config(UNet2DModel.load_config(folder)).config.attention_head_dim == 8
+  meta = convert_cli.convert(folder, tmp_path / "jax")
+  assert meta["config"]["attn_head_channels"] == 8
 
 
 def test_diffusers_bin_weights_convert_to_same_params(diffusers_models, cifar_like_converted, tmp_path):
@@ -255,7 +291,8 @@ def test_unknown_resolution_is_asked_for(pd_state_dict, tmp_path):
 
 @pytest.mark.parametrize("change, message", [
     ({"resnet_time_scale_shift": "scale_shift"}, "resnet_time_scale_shift='scale_shift'"),
-    ({"attention_head_dim": 8}, "single-head"),
+    ({"attention_head_dim": 24}, r"attention_head_dim=24 does not divide the attention widths \[32, 64\]"),
+    ({"attention_head_dim": 64}, r"does not divide the attention widths \[32\]"),
     ({"block_out_channels": [32, 48, 64]}, "not multiples of the first"),
     ({"up_block_types": ["UpBlock2D", "UpBlock2D", "UpBlock2D"]}, "Attention is at down levels"),
     ({"down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]}, "CrossAttnDownBlock2D"),
