@@ -5,6 +5,8 @@ A config file's `get_config(arg=None)` receives what follows the colon of `--con
 """
 from __future__ import annotations
 
+import difflib
+
 import ml_collections
 
 
@@ -18,7 +20,9 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key, sep, value = token.partition("=")
     key = key.strip()
     if key not in defaults:
-      raise ValueError(f"Unknown config argument {key!r}; known: {sorted(defaults)}.")
+      close = difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.6)
+      raise ValueError(f"Unknown config argument {key!r} (after the colon of --config=FILE.py:ARG); known: "
+                       f"{', '.join(sorted(defaults)) or 'none'}." + (f" Did you mean {close[0]!r}?" if close else ""))
     default = defaults[key]
     if not sep:
       if not isinstance(default, bool):

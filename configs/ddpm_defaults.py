@@ -82,6 +82,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.finetune.end_factor = 0.0          # linear decay to end_factor * lr
   config.finetune.weight_decay = 0.0
   config.finetune.grad_clip_norm = 0.0
+  # Divergence guard (msfp_jax.guards): a loss above this multiple of the median of the last 50 steps' losses
+  # stops the run (as a NaN / Inf loss always does) before the diverged state is checkpointed. 0 turns the
+  # median check off. May be changed on resume.
+  config.finetune.divergence_factor = 100.0
   config.finetune.log_every = 50
   config.finetune.checkpoint_every = 1000
   config.finetune.max_checkpoints = 3

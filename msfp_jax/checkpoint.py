@@ -14,7 +14,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from typing import Any
+import sys
+from typing import Any, Callable, NamedTuple
 
 import jax
 import numpy as np
@@ -23,6 +24,18 @@ import orbax.checkpoint as ocp
 
 class CheckpointError(ValueError):
   """A checkpoint is missing, unreadable, or does not match what the caller expects."""
+
+
+class CheckpointUnreadableError(CheckpointError):
+  """A step checkpoint's files could not be read (e.g. truncated by a full disk or a crash mid-copy)."""
+
+
+class Restored(NamedTuple):
+  """What `CheckpointManager.restore_newest` found: step None (and state/config None) when there is no step."""
+  step: int | None
+  state: Any
+  config: dict | None
+  skipped: list[tuple[int, str]]  # (step, why it could not be restored), newest first; moved aside
 
 
 def _abs(path: str | os.PathLike) -> pathlib.Path:
@@ -151,8 +164,8 @@ class CheckpointManager:
     try:
       return self._manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     except Exception as e:
-      raise CheckpointError(f"Could not read the config saved with step {step} in {self.directory}: "
-                            f"{_first_line(e)}") from e
+      raise CheckpointUnreadableError(f"Could not read the config saved with step {step} in {self.directory}: "
+                                      f"{_first_line(e)}") from e
 
   def restore(self, step: int | None = None, target: Any = None) -> tuple[Any, dict | None]:
     """Restores (state, config) of `step` (default: the latest). `target` fixes structure and shapes."""
@@ -169,13 +182,63 @@ class CheckpointManager:
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:
-      raise CheckpointError(
+      raise CheckpointUnreadableError(
           f"Could not restore step {step} from {self.directory}: {_first_line(e)}. If the checkpoint was "
           "written by a different config or model, start a new workdir.") from e
     state = _to_numpy(restored["state"])
     if target is not None:
       _check_against_target(state, target, self.directory / str(step))
     return state, (restored["config"] if has_config else None)
+
+  def restore_newest(self, target: Any = None, *,
+                     check_config: Callable[[dict | None, int], None] | None = None) -> Restored:
+    """Restores the newest step that reads, skipping unreadable ones (a truncated or corrupted file).
+
+    `check_config(saved_config, step)` runs on a step's config before its arrays are read; what it raises
+    propagates (a run of another config is not a corrupt checkpoint, and is never skipped). Skipped steps are
+    named on stderr and moved to `<directory>_unreadable/` (kept for inspection; the run may write the step
+    again), but only once an older step has restored: when none restores, nothing is moved and one
+    CheckpointError names every step's problem.
+    """
+    skipped: list[tuple[int, str]] = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        config = self.saved_config(step)
+        if check_config is not None:
+          check_config(config, step)
+        state, _ = self.restore(step, target=target)
+      except CheckpointUnreadableError as e:
+        skipped.append((step, _first_line(e.__cause__ or e)))
+        continue
+      if skipped:
+        self._set_aside(skipped, step)
+      return Restored(step, state, config, skipped)
+    if skipped:
+      raise CheckpointError(
+          f"None of the checkpoints in {self.directory} could be restored: "
+          + "; ".join(f"step {s}: {why}" for s, why in skipped)
+          + ". Move the directory away to start this stage afresh.")
+    return Restored(None, None, None, [])
+
+  def _set_aside(self, skipped: list[tuple[int, str]], restored_step: int) -> None:
+    aside = self.directory.parent / f"{self.directory.name}_unreadable"
+    lines = []
+    for step, why in skipped:
+      dest = aside / str(step)
+      n = 1
+      while dest.exists():
+        dest, n = aside / f"{step}.{n}", n + 1
+      if jax.process_index() == 0:
+        aside.mkdir(parents=True, exist_ok=True)
+        os.replace(self.directory / str(step), dest)
+      lines.append(f"Checkpoint step {step} in {self.directory} could not be restored ({why}); moved it to "
+                   f"{dest}.")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("msfp_jax.checkpoint.set_aside")
+    self._manager.reload()
+    print("\n".join(lines) + f" Using the newest one that restores, step {restored_step}.", file=sys.stderr,
+          flush=True)
 
   def wait_until_finished(self) -> None:
     self._manager.wait_until_finished()

@@ -62,14 +62,21 @@ class JsonlWriter(metric_writers.MetricWriter):
 
 
 def create_writer(workdir: str | os.PathLike, *, just_logging: bool = False,
-                  jsonl_name: str | None = "metrics.jsonl") -> metric_writers.MetricWriter:
+                  jsonl_name: str | None = "metrics.jsonl",
+                  resume_step: int | None = None) -> metric_writers.MetricWriter:
   """TensorBoard (under workdir/tensorboard) + logging + `workdir/metrics.jsonl`.
 
   `just_logging=True` on non-zero processes of a multi-host job, so only host 0 writes files.
+  `resume_step`: the step a (resumed or fresh: 0) training loop restarts from. What an earlier, killed run
+  logged past it (the loop logs a step before its checkpoint is complete, and a kill between or during saves
+  leaves records of steps that are run again) is dropped first (`drop_after`), so metrics.jsonl and TensorBoard
+  hold each step once.
   """
   workdir = pathlib.Path(workdir)
   if just_logging:
     return metric_writers.LoggingWriter()
+  if resume_step is not None:
+    drop_after(workdir, resume_step, jsonl_name=jsonl_name)
   default_writer = metric_writers.create_default_writer(str(workdir / "tensorboard"), asynchronous=False)
   writers = [default_writer]
   if jsonl_name:
@@ -78,6 +85,73 @@ def create_writer(workdir: str | os.PathLike, *, just_logging: bool = False,
   # Progress reports (steps/s, uptime) go to TensorBoard only: metrics.jsonl holds one record per logged step.
   writer.progress_writer = default_writer
   return writer
+
+
+def _replace_text(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def _jsonl_records(path: pathlib.Path) -> list[dict]:
+  """The complete records of a JSON-lines file (a line cut short by a kill is left out)."""
+  records = []
+  if path.is_file():
+    for line in path.read_text().splitlines():
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if isinstance(record, dict):
+        records.append(record)
+  return records
+
+
+def read_losses(workdir: str | os.PathLike, *, jsonl_name: str = "metrics.jsonl") -> list[float]:
+  """The `loss` of every record of workdir/metrics.jsonl, in order (a resumed loop seeds its checks with them)."""
+  return [float(r["loss"]) for r in _jsonl_records(pathlib.Path(workdir) / jsonl_name) if "loss" in r]
+
+
+def _drop_tensorboard_events_after(directory: pathlib.Path, step: int) -> None:
+  """Rewrites the event files under `directory` that hold events of steps > `step` (or a record cut short by a
+  kill) without them. TensorBoard itself would plot both the old and the new values of those steps (it purges
+  orphaned events only on a SessionLog.START, which TF2 writers do not write)."""
+  files = sorted(p for p in directory.rglob("events.out.tfevents.*") if p.is_file() and not p.name.endswith(".tmp"))
+  if not files:
+    return
+  import tensorflow as tf  # clu's SummaryWriter already imported it
+  for path in files:
+    kept, dropped = [], False
+    try:
+      for record in tf.data.TFRecordDataset(str(path)):
+        raw = record.numpy()
+        if tf.compat.v1.Event.FromString(raw).step > step:
+          dropped = True
+        else:
+          kept.append(raw)
+    except Exception:  # a truncated last record (DataLossError): keep what reads
+      dropped = True
+    if not dropped:
+      continue
+    tmp = path.with_name(path.name + ".tmp")
+    with tf.io.TFRecordWriter(str(tmp)) as out:
+      for raw in kept:
+        out.write(raw)
+    os.replace(tmp, path)
+
+
+def drop_after(workdir: str | os.PathLike, step: int, *, jsonl_name: str | None = "metrics.jsonl") -> None:
+  """Drops the metrics.jsonl records and the TensorBoard events of steps > `step` (see `create_writer`)."""
+  workdir = pathlib.Path(workdir)
+  if jsonl_name:
+    path = workdir / jsonl_name
+    if path.is_file():
+      lines = path.read_text().splitlines()
+      keep = [json.dumps(r) for r in _jsonl_records(path) if int(r.get("step", 0)) <= step]
+      if len(keep) != len(lines):
+        _replace_text(path, "".join(line + "\n" for line in keep))
+  if (workdir / "tensorboard").is_dir():
+    _drop_tensorboard_events_after(workdir / "tensorboard", step)
 
 
 class _Progress:

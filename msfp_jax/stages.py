@@ -12,7 +12,6 @@ picks its bank from a table of the router's choice per timestep; only activation
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pathlib
@@ -28,7 +27,7 @@ from msfp_jax import checkpoint
 from msfp_jax import diffusion
 from msfp_jax import lora
 from msfp_jax import quant
-from msfp_jax.eval.inception_weights import file_sha256
+from msfp_jax import stage_inputs
 from msfp_jax.lora import factors as lora_factors
 from msfp_jax.train import calibration as calibration_stage
 from msfp_jax.train import finetune as finetune_stage
@@ -197,16 +196,26 @@ def run_sample(config, workdir, models: Models | None = None) -> dict:
   """Samples every model from the same noise; writes samples/<model>.npz, the grid PNG and summary.json."""
   workdir = pathlib.Path(workdir)
   summary_path = workdir / SAMPLES_SUMMARY
-  if summary_path.is_file():
-    logging.info("sample: %s exists, skipping", summary_path)
-    return checkpoint.load_json(summary_path)
+  inputs = {name: stage_inputs.sample_inputs(config, workdir, name) for name in MODELS}
+  previous = checkpoint.load_json(summary_path) if summary_path.is_file() else {}
+  recorded = previous.get(stage_inputs.INPUTS_KEY) or {}
+  # Per model: a model's samples are reused when they exist and were computed from its current inputs.
+  todo = [name for name in MODELS
+          if not previous or not (workdir / SAMPLES_DIR / f"{name}.npz").is_file()
+          or not stage_inputs.reusable(f"sample {name}", recorded.get(name), inputs[name])]
+  if not todo:
+    logging.info("sample: %s is current, skipping", summary_path)
+    return previous
   models = models or Models(config, workdir)
   bundle = models.bundle
   n = int(config.sample.num_images)
   x_T, labels = pipeline.noise_batch(int(config.seed), NOISE_SAMPLE, 0, n, bundle.sample_shape, bundle.num_classes)
   rng = jax.random.key(int(config.seed))
-  outputs, timings = {}, {}
+  outputs, timings = {}, dict(previous.get("seconds", {}))
   for name in MODELS:
+    if name not in todo:
+      outputs[name] = np.load(workdir / SAMPLES_DIR / f"{name}.npz")["images"]
+      continue
     start = time.time()
     outputs[name] = np.clip(models.sample(name, x_T, labels, rng), -1.0, 1.0)
     timings[name] = time.time() - start
@@ -225,7 +234,7 @@ def run_sample(config, workdir, models: Models | None = None) -> dict:
   summary = {
       "num_images": n, "seed": int(config.seed),
       "sample_mse_vs_fp": {name: float(np.mean((outputs[name] - outputs["fp"]) ** 2)) for name in MODELS},
-      "seconds": timings,
+      "seconds": timings, stage_inputs.INPUTS_KEY: inputs,
   }
   checkpoint.save_json(summary_path, summary)
   return summary
@@ -234,17 +243,15 @@ def run_sample(config, workdir, models: Models | None = None) -> dict:
 # ------------------------------------------------------------------------------------------------ eval stage
 def model_checkpoint_sha256(config) -> str:
   """A hash of the FP model directory's files (the protocol names the exact weights scored)."""
-  directory = pipeline.model_dir(config.model.path)
-  digest = hashlib.sha256()
-  for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-    digest.update(str(path.relative_to(directory)).encode())
-    digest.update(file_sha256(path).encode())
-  return digest.hexdigest()
+  return stage_inputs.tree_sha256(pipeline.model_dir(config.model.path))
 
 
 def inception_path(config) -> pathlib.Path | None:
+  """config.evaluation.inception; a relative path missing from the working directory is taken relative to the
+  repository (the configs' default .cache/fid/... is where launch/fetch_fid_network.sh puts the network)."""
+  from msfp_jax import cli
   path = str(config.evaluation.inception or "")
-  return pathlib.Path(path).expanduser() if path else None
+  return cli.resolve_repo_path(path) if path else None
 
 
 def reference_statistics(config, workdir: pathlib.Path, inception):
@@ -259,7 +266,11 @@ def reference_statistics(config, workdir: pathlib.Path, inception):
                        "or ADM format), an image folder/.npz, or tfds:NAME/SPLIT, as the benchmark's protocol says.")
     from msfp_jax.data import digits
     cache = workdir / "reference_stats.npz"
-    if not cache.is_file():
+    # The cache is reused only for the same images, pipeline and network (evaluation.* may change on a run).
+    made_from = {"max_reference_images": int(config.evaluation.max_reference_images),
+                 "fid_pipeline": pipeline_name, "inception_sha256": getattr(inception, "sha256", None)}
+    made_from_path = workdir / "reference_stats.json"
+    if not cache.is_file() or not made_from_path.is_file() or checkpoint.load_json(made_from_path) != made_from:
       images, _ = digits.load_split("train")
       if int(config.evaluation.max_reference_images) > 0:
         images = images[:int(config.evaluation.max_reference_images)]
@@ -268,6 +279,7 @@ def reference_statistics(config, workdir: pathlib.Path, inception):
       stats = eval_lib.statistics_of_uint8_batches(
           (images[i:i + 100] for i in range(0, len(images), 100)), inception, pipeline_name)
       stats.save(cache)
+      checkpoint.save_json(made_from_path, made_from)
     count = int(config.evaluation.max_reference_images) or 1497
     return eval_lib.statistics_from_npz(cache), f"digits16 train split, first {min(count, 1497)} images"
   stats = eval_lib.load_or_compute_statistics(reference, inception=inception, pipeline=pipeline_name,
@@ -279,9 +291,15 @@ def run_eval(config, workdir, models: Models | None = None) -> dict:
   """FID / sFID / IS of every model with the real FID network (when config.evaluation.inception is set)."""
   workdir = pathlib.Path(workdir)
   summary_path = workdir / EVAL_SUMMARY
-  if summary_path.is_file():
-    logging.info("eval: %s exists, skipping", summary_path)
-    return checkpoint.load_json(summary_path)
+  inputs = {name: stage_inputs.eval_inputs(config, workdir, name) for name in MODELS}
+  previous = checkpoint.load_json(summary_path) if summary_path.is_file() else {}
+  # Per model: scores are reused only when they were computed from the model's current inputs.
+  todo = [name for name in MODELS
+          if not isinstance(previous.get(name), dict)
+          or not stage_inputs.reusable(f"eval {name}", previous[name].get(stage_inputs.INPUTS_KEY), inputs[name])]
+  if not todo:
+    logging.info("eval: %s is current, skipping", summary_path)
+    return previous
   path = inception_path(config)
   if path is None or not path.is_file():
     message = ("FID/sFID/IS not computed: the FID Inception network file is absent "
@@ -304,14 +322,43 @@ def run_eval(config, workdir, models: Models | None = None) -> dict:
       "skip": s.skip, "reference": reference_name,
   }
   for name in MODELS:
+    if name not in todo:
+      results[name] = previous[name]
+      continue
+    _keep_eval_rounds_if_current(workdir, name, inputs[name])
     start = time.time()
     results[name] = eval_lib.evaluate(
         models.sample_fn(name), int(config.evaluation.num_samples), workdir, name=name,
         batch_size=int(config.evaluation.batch_size), inception=inception, reference=reference,
         pipeline=config.evaluation.fid_pipeline, protocol=protocol)
+    if results[name] is None:  # hosts other than 0
+      continue
     results[name]["seconds"] = time.time() - start
-  checkpoint.save_json(summary_path, results)
+    results[name][stage_inputs.INPUTS_KEY] = inputs[name]
+  if jax.process_index() == 0:
+    checkpoint.save_json(summary_path, results)
   return results
+
+
+def _keep_eval_rounds_if_current(workdir: pathlib.Path, name: str, inputs: dict) -> None:
+  """eval/<name>/ keeps its finished rounds (an interrupted evaluation resumes) only when they were computed from
+  `inputs`; rounds of other inputs (another checkpoint, protocol or reference) are deleted first."""
+  import shutil
+  directory = workdir / "eval" / name
+  marker = directory / stage_inputs.INPUTS_FILE
+  current = marker.is_file() and not stage_inputs.changes(checkpoint.load_json(marker), inputs)
+
+  def sync(what):
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"msfp_jax eval {name} {what}")
+  sync("rounds checked")  # every host decided before the lead deletes anything
+  if jax.process_index() == 0:
+    if directory.exists() and not current:
+      print(f"eval {name}: deleting the rounds in {directory}, computed from other inputs", flush=True)
+      shutil.rmtree(directory)
+    checkpoint.save_json(marker, inputs)
+  sync("rounds cleared")
 
 
 # ------------------------------------------------------------------------------------------------ export stage
@@ -325,9 +372,12 @@ def run_export(config, workdir, models: Models | None = None) -> dict:
   from msfp_jax.quant import packed
   workdir = pathlib.Path(workdir)
   summary_path = workdir / EXPORT_SUMMARY
+  inputs = stage_inputs.export_inputs(config, workdir)
   if summary_path.is_file():
-    logging.info("export: %s exists, skipping", summary_path)
-    return checkpoint.load_json(summary_path)
+    previous = checkpoint.load_json(summary_path)
+    if stage_inputs.reusable("export", previous.get(stage_inputs.INPUTS_KEY), inputs):
+      logging.info("export: %s is current, skipping", summary_path)
+      return previous
   models = models or Models(config, workdir)
   bundle = models.bundle
   result = finetune_stage.load_finetuned(config, workdir)
@@ -363,7 +413,7 @@ def run_export(config, workdir, models: Models | None = None) -> dict:
       "float32_equivalent_bytes": sizes["float32_equivalent"],
       "ratio_one_bank_vs_fp": one_bank["file"] / fp_bytes,
       "ratio_all_banks_vs_fp": sizes["file"] / fp_bytes,
-      "max_abs_diff_packed_vs_fake_quant_samples": max_diff,
+      "max_abs_diff_packed_vs_fake_quant_samples": max_diff, stage_inputs.INPUTS_KEY: inputs,
   }
   checkpoint.save_json(summary_path, summary)
   return summary
@@ -395,8 +445,9 @@ def sample_from_packed(loaded, bundle: pipeline.ModelBundle, schedule, sampler_c
 
 
 # ------------------------------------------------------------------------------------------------ report stage
-def run_report(config, workdir) -> dict:
-  """report.json and report.md from what the stages left in the workdir (always rewritten)."""
+def run_report(config, workdir, *, write: bool = True) -> dict:
+  """report.json and report.md from what the stages left in the workdir (always rewritten; with write=False
+  only returned, for a read-only workdir)."""
   workdir = pathlib.Path(workdir)
   samples = checkpoint.load_json(workdir / SAMPLES_SUMMARY) if (workdir / SAMPLES_SUMMARY).is_file() else {}
   evals = checkpoint.load_json(workdir / EVAL_SUMMARY) if (workdir / EVAL_SUMMARY).is_file() else {}
@@ -405,12 +456,30 @@ def run_report(config, workdir) -> dict:
   calib = (checkpoint.load_json(workdir / calibration_stage.SUMMARY_FILE)
            if calibration_stage.has_calibration(workdir) else {})
   s, q = config.sampler, config.quant
+  # Results computed from other inputs than this run's (a longer fine-tuning, another evaluation protocol) are
+  # left out and named, never shown beside this run's protocol.
+  stale: dict[str, list[str]] = {}
+
+  def current(what: str, recorded, inputs: dict) -> bool:
+    changed = stage_inputs.changes(recorded, inputs)
+    if changed:
+      stale[what] = changed
+    return not changed
+  recorded_samples = samples.get(stage_inputs.INPUTS_KEY) or {}
+  samples_current = {name: bool(samples) and current(f"sample {name}", recorded_samples.get(name),
+                                                       stage_inputs.sample_inputs(config, workdir, name))
+                     for name in MODELS}
+  if export and not current("export", export.get(stage_inputs.INPUTS_KEY), stage_inputs.export_inputs(config, workdir)):
+    export = {}
   report: dict[str, Any] = {}
   for name in MODELS:
     entry: dict[str, Any] = {}
-    if samples:
+    if samples_current[name] and samples_current["fp"]:
       entry["sample_mse_vs_fp"] = samples["sample_mse_vs_fp"][name]
     scores = evals.get(name) if isinstance(evals, dict) else None
+    if isinstance(scores, dict) and not current(f"eval {name}", scores.get(stage_inputs.INPUTS_KEY),
+                                                stage_inputs.eval_inputs(config, workdir, name)):
+      scores = None
     if scores:
       found = scores.get("metrics", {})
       for key, metric in (("fid", "fid"), ("sfid", "sfid"), ("is", "inception_score"),
@@ -431,16 +500,21 @@ def run_report(config, workdir) -> dict:
       "high_precision_paths": q.high_precision_paths, "high_precision_bits": int(q.high_precision_bits),
       "layer_format_counts": formats, "num_quantized_layers": len(calib.get("layers", {})),
       "lora_banks": int(config.lora.num_banks), "lora_rank": int(config.lora.rank),
-      "dfa_weighting": config.finetune.dfa_weighting, "finetune_steps": int(config.finetune.num_steps)}
+      "dfa_weighting": config.finetune.dfa_weighting,
+      # The steps of the checkpoint the results come from (the config's budget may differ: a run in progress).
+      "finetune_steps": int(stage_inputs.finetuned_checkpoint(workdir)["finetune_step"] or 0),
+      "finetune_steps_configured": int(config.finetune.num_steps)}
   report["protocol"] = {"model": str(config.model.path), "sampler": s.kind, "steps": int(s.num_steps),
                         "eta": float(s.eta), "skip": s.skip, "guidance": float(s.guidance_scale),
                         "seed": int(config.seed), "sample_grid_images": int(config.sample.num_images),
                         "eval_samples": int(config.evaluation.num_samples),
                         "fid_pipeline": config.evaluation.fid_pipeline}
   report["export"] = export
+  report["stale"] = stale
   report["timings_seconds"] = timings
-  checkpoint.save_json(workdir / REPORT_JSON, report)
-  (workdir / REPORT_MD).write_text(report_markdown(report))
+  if write:
+    checkpoint.save_json(workdir / REPORT_JSON, report)
+    (workdir / REPORT_MD).write_text(report_markdown(report))
   return report
 
 
@@ -460,7 +534,7 @@ def report_markdown(report: dict) -> str:
     lines.append(f"| {name} | {cell(entry, 'fid')} | {cell(entry, 'sfid')} | {cell(entry, 'is')} | "
                  f"{cell(entry, 'sample_mse_vs_fp')} |")
   lines += ["", "Protocol: " + ", ".join(f"{k}={v}" for k, v in p.items()), ""]
-  protocol = report["fp"].get("protocol")
+  protocol = next((report[name]["protocol"] for name in MODELS if report[name].get("protocol")), None)
   if protocol:
     lines += ["Scores: " + ", ".join(f"{k}={v}" for k, v in protocol.items()), ""]
   if report["fp"].get("scores"):
@@ -474,6 +548,10 @@ def report_markdown(report: dict) -> str:
               f"= {e['ratio_one_bank_vs_fp']:.3f}x the FP checkpoint ({e['fp_checkpoint_bytes']} bytes); samples "
               f"from the packed file differ from the fake-quantized model's by at most "
               f"{e['max_abs_diff_packed_vs_fake_quant_samples']:.3g}.", ""]
+  if report.get("stale"):
+    lines += ["Left out, computed from other inputs than this run's (rerun with --mode=all, or the stage's --mode, "
+              "to compute them again): " + "; ".join(f"{what} ({', '.join(changed)})"
+                                                     for what, changed in report["stale"].items()), ""]
   if report["timings_seconds"]:
     lines += ["Stage times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings_seconds"].items()), ""]
   return "\n".join(lines)

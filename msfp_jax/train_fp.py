@@ -8,6 +8,11 @@ clipping; an EMA of the weights is what gets exported. Step checkpoints (orbax, 
 msfp_jax.checkpoint) make a killed run resume where it stopped; the batch of step s depends only on the
 seed and s, so a resumed run ends where an uninterrupted one ends. Metrics go to TensorBoard and
 DIR/metrics.jsonl (msfp_jax.metrics).
+
+The guards of fine-tuning apply (msfp_jax.guards): a NaN loss, or one above train.divergence_factor x its running
+median (checked at logged and checkpoint steps, and on the state about to be saved), stops the run naming the last
+good checkpoint; SIGINT / SIGTERM save and stop at the next step ("interrupted at step N"); a resume restores the
+newest checkpoint that reads and drops the metrics logged past it.
 """
 from __future__ import annotations
 
@@ -22,15 +27,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from msfp_jax import checkpoint, metrics
+from msfp_jax import checkpoint, guards, metrics
 from msfp_jax.data import cifar10, digits
 from msfp_jax.diffusion import SamplerConfig, make_schedule, sample
 from msfp_jax.models import build_model, save_converted
 from msfp_jax.models import load as load_model
 
 
-class TrainingDivergedError(RuntimeError):
-  """The loss became NaN or infinite."""
+# The loss became NaN / Inf or rose far above its running median (the class fine-tuning raises too).
+TrainingDivergedError = guards.TrainingDivergedError
+
+DIVERGENCE_HINT = ("Lower train.learning_rate or train.grad_clip_norm, in a new --workdir (a resumed run must keep "
+                   "them); or, if such a loss is expected, raise train.divergence_factor (0 turns the "
+                   "running-median check off) and rerun the same command: it resumes from the last good checkpoint, if there is one.")
 
 
 DATASETS = ("digits16", "cifar10")
@@ -138,7 +147,7 @@ def _resumable(config_dict: dict) -> dict:
   """The parts of a config that must match to resume: all but the step budget, logging cadence and
   where the data lives. Normalized through JSON (the saved config comes back with lists for tuples)."""
   result = json.loads(json.dumps(config_dict))
-  for key in ("num_steps", "log_every", "checkpoint_every", "stop_after_seconds", "init_from"):
+  for key in ("num_steps", "log_every", "checkpoint_every", "stop_after_seconds", "init_from", "divergence_factor"):
     result.get("train", {}).pop(key, None)
   for key in ("data_dir", "archive", "source"):  # where the data lives (its hash is checked on load)
     result.get("data", {}).pop(key, None)
@@ -206,17 +215,21 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   params = state["params"]
 
   manager = checkpoint.CheckpointManager(workdir / "checkpoints", max_to_keep=2)
-  latest = manager.latest_step()
   earlier_training: dict = {}
-  if latest is not None:
+
+  def check_saved_config(saved_config, step):
     # The config first: another architecture must be named field by field, not as an orbax tree mismatch.
-    saved_config = manager.saved_config(latest)
+    del step
     if saved_config is not None and _resumable(saved_config) != _resumable(config_dict):
       raise checkpoint.CheckpointError(
           f"{workdir / 'checkpoints'} was written with a different config; these fields differ: "
           f"{'; '.join(changed_fields(saved_config, config_dict))}. Use a new --workdir or the original config.")
-    restored, _ = manager.restore(latest, target=state)
-    state = jax.tree.map(jnp.asarray, restored)
+
+  # The newest checkpoint that reads (an unreadable one is named and set aside).
+  restored = manager.restore_newest(target=state, check_config=check_saved_config)
+  latest = restored.step
+  if latest is not None:
+    state = jax.tree.map(jnp.asarray, restored.state)
     print(f"Resuming from step {latest}.", flush=True)
   elif config.train.get("init_from"):
     state, earlier_training = warm_start(state, config, config.train.init_from)
@@ -224,7 +237,11 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
           "learning-rate warm-up start afresh).", flush=True)
 
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params))
-  writer = metrics.create_writer(workdir)
+  # What a killed run logged past the step it resumes from is logged again: drop it first.
+  writer = metrics.create_writer(workdir, resume_step=int(state["step"]))
+  guard = guards.DivergenceGuard(float(config.train.get("divergence_factor", guards.DEFAULT_DIVERGENCE_FACTOR)),
+                                 what="Training", hint=DIVERGENCE_HINT)
+  guard.seed(metrics.read_losses(workdir)[-guards.DEFAULT_WINDOW:])
   if latest is None:
     writer.write_hparams({"num_params": num_params, "batch_size": config.train.batch_size,
                           "num_steps": config.train.num_steps})
@@ -241,25 +258,57 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   stop_after = float(config.train.get("stop_after_seconds", 0) or 0)
   last = {}
   step = start_step
-  for step in range(start_step + 1, num_steps + 1):
-    state, step_metrics = train_step(state, images, train_rng)
-    out_of_time = bool(stop_after) and time.time() - start_time > stop_after
-    if step % config.train.log_every == 0 or step == num_steps or out_of_time:
-      last = {k: float(v) for k, v in step_metrics.items()}
-      if not np.isfinite(last["loss"]):
-        raise TrainingDivergedError(
-            f"loss is {last['loss']} at step {step}; the last good checkpoint is step "
-            f"{manager.latest_step()} in {workdir / 'checkpoints'}. Lower train.learning_rate.")
-      writer.write_scalars(step, last)
-    report.report(step)
-    if step % config.train.checkpoint_every == 0 or step == num_steps or out_of_time:
-      manager.save(step, state, config=config_dict)
-      checkpoint.save_json(wall_file, {"step": step, "seconds": earlier.get("seconds", 0.0)
-                                       + time.time() - start_time})
-    if out_of_time:
-      print(f"train.stop_after_seconds={stop_after:g} reached at step {step}; rerun with the same command to "
-            "go on.", flush=True)
-      break
+  last_saved = latest
+
+  def last_good() -> str:
+    return (f"step {last_saved} in {workdir / 'checkpoints'}" if last_saved is not None
+            else "no checkpoint was written yet")
+
+  def fetch_and_check(step: int, step_metrics) -> dict:
+    # The loss is fetched (a device sync) only on logged and checkpoint steps.
+    current = {k: float(v) for k, v in step_metrics.items()}
+    guard.check(step, current["loss"], last_good=last_good())
+    return current
+
+  # SIGINT / SIGTERM: save at the next step boundary and stop (msfp_jax.guards).
+  with guards.interruptible("train_fp", enabled=jax.process_count() == 1) as interrupts:
+    for step in range(start_step + 1, num_steps + 1):
+      state, step_metrics = train_step(state, images, train_rng)
+      out_of_time = bool(stop_after) and time.time() - start_time > stop_after
+      logged = step % config.train.log_every == 0 or step == num_steps or out_of_time
+      if logged:
+        last = fetch_and_check(step, step_metrics)
+        writer.write_scalars(step, last)
+      report.report(step)
+      if (step % config.train.checkpoint_every == 0 or step == num_steps or out_of_time
+          or interrupts.requested):
+        if not logged:
+          last = fetch_and_check(step, step_metrics)
+        # The loss of step s is that of the state before its update: check the state to be saved (on the next
+        # batch; the result is dropped) so a diverged state is never checkpointed.
+        _, probe = train_step(state, images, train_rng)
+        guard.check(step, float(probe["loss"]), last_good=last_good(), accept=False,
+                    note="(the state after this step, checked before it is saved)")
+        interrupts.activity = f"the save of step {step}"
+        manager.save(step, state, config=config_dict)
+        manager.wait_until_finished()
+        last_saved = step
+        interrupts.activity = "the current step"
+        interrupts.resume_hint = f"The newest checkpoint is step {step}"
+        checkpoint.save_json(wall_file, {"step": step, "seconds": earlier.get("seconds", 0.0)
+                                         + time.time() - start_time})
+      if interrupts.requested:
+        writer.flush()
+        manager.close()
+        interrupts.stop(step)
+      if out_of_time:
+        print(f"train.stop_after_seconds={stop_after:g} reached at step {step}; rerun with the same command to "
+              "go on.", flush=True)
+        break
+    if interrupts.requested:  # a signal during the last save: the model is not exported in this run
+      writer.flush()
+      manager.close()
+      interrupts.stop(step)
   final_step = int(state["step"])
   manager.wait_until_finished()
   manager.close()
@@ -299,15 +348,30 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
 
 def main(argv):
   del argv
-  result = train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  from msfp_jax import workdir_lock
+  workdir = pathlib.Path(_WORKDIR.value)
+  if workdir.exists() and not workdir.is_dir():
+    raise SystemExit(f"error: --workdir={workdir} is a file, not a directory; give a directory (it is created "
+                     "when missing).")
+  workdir.mkdir(parents=True, exist_ok=True)
+  try:
+    # One training per workdir: a second process fails at once, naming the holder (only process 0 locks).
+    with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
+      result = train_and_evaluate(_CONFIG.value, workdir)
+  except workdir_lock.WorkdirLockedError as e:
+    raise SystemExit(f"WorkdirLockedError: {e}") from None
+  except guards.TrainingDivergedError as e:  # one line, no traceback (its message says what to change)
+    raise SystemExit(f"TrainingDivergedError: {e}") from None
   print(result, flush=True)
 
 
 if __name__ == "__main__":
   from absl import app, flags
   from ml_collections import config_flags
-  _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/default_fp.py).",
-                                            lock_config=True)
+  from msfp_jax import cli
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", None, "Training config file, e.g. configs/default_fp.py (a relative path that does not exist in the "
+      "current directory is taken relative to the repository).", lock_config=True)
   _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, the exported model.")
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)  # bad flags, an unknown config field: one line, no traceback

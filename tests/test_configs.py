@@ -72,3 +72,14 @@ def test_command_line_overrides_reach_the_config():
           "print(c.value.finetune.num_steps, c.value.lora.rank)")
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
   assert out.stdout.split() == ["3", "5"], out.stderr[-2000:]
+
+
+def test_unknown_config_argument_is_one_line_naming_the_known_ones():
+  from configs import common
+  with pytest.raises(ValueError) as error:
+    common.parse_arg("runlokal", runlocal=False, seeds="0")
+  message = str(error.value)
+  assert "'runlokal'" in message and "known: runlocal, seeds." in message and "Did you mean 'runlocal'?" in message
+  assert "\n" not in message
+  with pytest.raises(ValueError, match=r"known: runlocal\.$"):
+    common.parse_arg("zzz", runlocal=False)

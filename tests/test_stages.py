@@ -167,3 +167,169 @@ def test_export_without_finetuning_fails_clearly(run, tmp_path):
   out = _main(*common, f"--workdir={tmp_path / 'fresh'}", "--mode=export")
   assert out.returncode != 0
   assert "fine-tun" in out.stderr and "--mode=finetune" in out.stderr, out.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------ results follow their inputs (no stale)
+def _copy_run(run, tmp_path):
+  """A copy of the module's finished run (the tests below change it), with the command line pointing at it."""
+  import shutil
+  workdir = tmp_path / "run"
+  shutil.copytree(run["workdir"], workdir, symlinks=True)
+  return workdir, [a for a in run["common"] if not a.startswith("--workdir=")] + [f"--workdir={workdir}"]
+
+
+def _config_of(run, fid_torchscript_path, **overrides):
+  """The module run's config, in this process (the fields its results depend on match the command line's)."""
+  return tiny_setup.tiny_config(run["model_dir"], **{
+      "lora.num_banks": NUM_BANKS, "finetune.num_steps": 3, "sample.num_images": 4, "evaluation.num_samples": 4,
+      "evaluation.batch_size": 4, "evaluation.reference": str(run["root"] / "reference_stats.npz"),
+      "evaluation.inception": str(fid_torchscript_path), **overrides})
+
+
+def test_extending_finetuning_recomputes_what_depends_on_it(run, tmp_path):
+  workdir, common = _copy_run(run, tmp_path)
+  before = {"eval": _json(workdir / "eval_summary.json"), "samples": _json(workdir / "samples" / "summary.json"),
+            "report": _json(workdir / "report.json")}
+  unchanged = [workdir / "eval" / "fp" / "results.json", workdir / "eval" / "ptq" / "results.json",
+               workdir / "samples" / "fp.npz", workdir / "samples" / "ptq.npz"]
+  mtimes = {p: p.stat().st_mtime_ns for p in unchanged}
+  out = _main(*common, "--config.finetune.num_steps=4")
+  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+  assert "finetune_step 3 -> 4" in out.stdout, out.stdout[-3000:]
+  evals = _json(workdir / "eval_summary.json")
+  assert before["eval"]["finetuned"]["inputs"]["finetune_step"] == 3
+  assert evals["finetuned"]["inputs"]["finetune_step"] == 4
+  assert evals["finetuned"]["metrics"]["fid"] != before["eval"]["finetuned"]["metrics"]["fid"]
+  # The FP and PTQ models did not change: their samples and scores are kept, not recomputed.
+  assert evals["fp"] == before["eval"]["fp"] and evals["ptq"] == before["eval"]["ptq"]
+  assert {p: p.stat().st_mtime_ns for p in unchanged} == mtimes
+  samples = _json(workdir / "samples" / "summary.json")
+  assert samples["inputs"]["finetuned"]["finetune_step"] == 4
+  assert samples["sample_mse_vs_fp"]["finetuned"] != before["samples"]["sample_mse_vs_fp"]["finetuned"]
+  export = _json(workdir / "export" / "summary.json")
+  assert export["inputs"]["finetune_step"] == 4 and export["max_abs_diff_packed_vs_fake_quant_samples"] == 0
+  report = _json(workdir / "report.json")
+  assert report["quantization"]["finetune_steps"] == 4 and report["stale"] == {}
+  assert report["finetuned"]["fid"] == evals["finetuned"]["metrics"]["fid"] != before["report"]["finetuned"]["fid"]
+  assert report["finetuned"]["sample_mse_vs_fp"] == samples["sample_mse_vs_fp"]["finetuned"]
+
+
+def test_report_never_shows_scores_beside_another_protocol(run, tmp_path, fid_torchscript_path):
+  from msfp_jax import stages
+  workdir, _ = _copy_run(run, tmp_path)
+  same = stages.run_report(_config_of(run, fid_torchscript_path), workdir)
+  assert same["stale"] == {} and all(isinstance(same[name].get("fid"), float) for name in MODELS), same["stale"]
+  changed = stages.run_report(_config_of(run, fid_torchscript_path, **{"evaluation.num_samples": 6}), workdir)
+  assert changed["protocol"]["eval_samples"] == 6
+  for name in MODELS:
+    assert "fid" not in changed[name] and "protocol" not in changed[name], changed[name]
+    assert "evaluation.num_samples 4 -> 6" in changed["stale"][f"eval {name}"]
+    # Samples do not depend on the evaluation protocol: still reported.
+    assert changed[name]["sample_mse_vs_fp"] == same[name]["sample_mse_vs_fp"]
+  markdown = (workdir / "report.md").read_text()
+  assert "Scores:" not in markdown and "Left out" in markdown and "evaluation.num_samples 4 -> 6" in markdown
+  assert "| finetuned | n/a | n/a |" in markdown
+
+
+def test_eval_recomputes_exactly_the_results_whose_inputs_changed(tmp_path, monkeypatch, capsys):
+  from msfp_jax import eval as eval_lib
+  from msfp_jax import stages
+  model_dir = tiny_setup.write_tiny_model(tmp_path / "model")
+  inception = tmp_path / "inception.pt"
+  inception.write_bytes(b"stands for the FID network")
+  workdir = tmp_path / "run"
+  calls = []
+
+  def fake_evaluate(sample_fn, num_samples, workdir, *, name, protocol, **kwargs):
+    del sample_fn, kwargs
+    calls.append(name)
+    (pathlib.Path(workdir) / "eval" / name / f"round_of_call_{len(calls)}").write_text("")
+    return {"metrics": {"fid": float(len(calls))}, "protocol": {**protocol, "num_samples": num_samples}}
+  monkeypatch.setattr(eval_lib, "evaluate", fake_evaluate)
+  monkeypatch.setattr(eval_lib, "load_inception", lambda path: object())
+  monkeypatch.setattr(stages, "reference_statistics", lambda config, workdir, inception: (None, "reference"))
+  monkeypatch.setattr(stages.Models, "sample_fn", lambda self, name: None)
+  models = object.__new__(stages.Models)
+
+  def eval_with(**overrides):
+    calls.clear()
+    config = tiny_setup.tiny_config(model_dir, **{"evaluation.inception": str(inception), **overrides})
+    return stages.run_eval(config, workdir, models)
+  eval_with(**{"evaluation.num_samples": 4})
+  assert calls == list(MODELS)
+  eval_with(**{"evaluation.num_samples": 4})
+  assert calls == [], "a current result is reused"
+  capsys.readouterr()
+  summary = eval_with(**{"evaluation.num_samples": 6})
+  assert calls == list(MODELS), "another protocol: every model is scored again"
+  assert "evaluation.num_samples 4 -> 6" in capsys.readouterr().out
+  assert all(summary[name]["inputs"]["evaluation.num_samples"] == 6 for name in MODELS)
+  assert [p.name for p in (workdir / "eval" / "fp").glob("round_*")] == ["round_of_call_1"], \
+      "rounds computed from other inputs are deleted first"
+  # An interrupted evaluation of the same inputs resumes: its rounds are kept.
+  saved = _json(workdir / "eval_summary.json")
+  del saved["ptq"]
+  (workdir / "eval_summary.json").write_text(json.dumps(saved))
+  eval_with(**{"evaluation.num_samples": 6})
+  assert calls == ["ptq"]
+  assert sorted(p.name for p in (workdir / "eval" / "ptq").glob("round_*")) == ["round_of_call_1", "round_of_call_2"]
+  # The inputs are the files' contents, not their names: another network file is another protocol.
+  inception.write_bytes(b"another network")
+  eval_with(**{"evaluation.num_samples": 6})
+  assert calls == list(MODELS)
+
+
+# ------------------------------------------------------------------------------------------ a read-only workdir
+def _read_only(path: pathlib.Path):
+  """`path` bind-mounted read-only onto itself (a real read-only file system); skips where mounting is refused."""
+  import contextlib
+  import shutil
+
+  @contextlib.contextmanager
+  def mounted():
+    if not hasattr(os, "geteuid") or os.geteuid() != 0 or shutil.which("mount") is None:
+      pytest.skip("a read-only bind mount needs root and mount(8)")
+    if subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True).returncode:
+      pytest.skip("mount --bind is refused here")
+    try:
+      if subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], capture_output=True).returncode:
+        pytest.skip("a read-only remount is refused here")
+      yield path
+    finally:
+      subprocess.run(["umount", str(path)], capture_output=True)
+  return mounted()
+
+
+def test_unfinished_names_what_a_run_would_still_compute(run, tmp_path, fid_torchscript_path):
+  from msfp_jax import main, stages
+  workdir, _ = _copy_run(run, tmp_path)
+  config = _config_of(run, fid_torchscript_path)
+  report_json = (workdir / "report.json").read_text()
+  assert main.unfinished(config, workdir, stages.run_report(config, workdir, write=False)) == []
+  longer = _config_of(run, fid_torchscript_path, **{"finetune.num_steps": 5})
+  assert main.unfinished(longer, workdir, stages.run_report(longer, workdir, write=False)) == [
+      "fine-tuned to step 3 of 5"]
+  other = _config_of(run, fid_torchscript_path, **{"evaluation.num_samples": 6})
+  missing = main.unfinished(other, workdir, stages.run_report(other, workdir, write=False))
+  assert len(missing) == 3 and all("evaluation.num_samples 4 -> 6" in m for m in missing), missing
+  (workdir / "export" / "summary.json").unlink()
+  assert main.unfinished(config, workdir, stages.run_report(config, workdir, write=False)) == ["no export"]
+  assert (workdir / "report.json").read_text() == report_json, "run_report(write=False) writes nothing"
+
+
+def test_read_only_workdir_of_a_finished_run_prints_its_report(run, tmp_path):
+  workdir, common = _copy_run(run, tmp_path)
+  report_md = (workdir / "report.md").read_text()
+  with _read_only(workdir):
+    with pytest.raises(OSError):
+      (workdir / "probe").write_text("")
+    out = _main(*common)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    assert report_md.strip() in out.stdout, "the report of the finished run, computed without writing"
+    assert "Traceback" not in out.stderr and "is read-only" in out.stderr, out.stderr[-2000:]
+    assert "== stage" not in out.stdout
+    out = _main(*common, "--mode=finetune")
+    assert out.returncode != 0
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "is not writable" in lines[0], out.stderr[-2000:]
+    assert "--mode=finetune writes its results there" in lines[0]

@@ -117,3 +117,103 @@ def test_init_from_an_exported_model_goes_on_from_its_weights_and_step(tmp_path)
   config.model.config.ch = 16
   with pytest.raises(ValueError, match=r"another architecture than the config: ch: 8 \(model\) vs 16"):
     train_fp.train_and_evaluate(config, tmp_path / "third")
+
+
+def test_a_second_training_on_a_workdir_fails_naming_the_holder(tmp_path):
+  import os
+  import subprocess
+  import sys
+  from msfp_jax import workdir_lock
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  with workdir_lock.WorkdirLock(tmp_path):  # this process holds the workdir, as a running training would
+    out = subprocess.run([sys.executable, "-m", "msfp_jax.train_fp", "--config=configs/default_fp.py:runlocal",
+                          f"--workdir={tmp_path}"], cwd=repo, capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ))
+  assert out.returncode != 0
+  assert f"pid {os.getpid()}" in out.stderr and "in use" in out.stderr, out.stderr[-2000:]
+  assert "Traceback" not in out.stderr and not (tmp_path / "checkpoints").exists()
+
+
+def test_divergence_stops_before_the_diverged_state_is_saved(tmp_path):
+  # Warm-up makes step 1's learning rate 0; step 2's update (lr 1e6) blows the model up, but step 2's loss is
+  # that of the state before it: the state to be saved is checked, and nothing diverged is checkpointed.
+  config = runlocal(learning_rate=1e6)
+  config.data.data_dir = str(tmp_path / "tfds")
+  with pytest.raises(train_fp.TrainingDivergedError,
+                     match=r"diverged at step 2: .*checked before it is saved.*last good checkpoint: step 1 in "
+                           r".*train\.divergence_factor") as info:
+    train_fp.train_and_evaluate(config, tmp_path / "run")
+  assert isinstance(info.value, ValueError)  # the command line reports ValueErrors in one line
+  assert checkpoint.CheckpointManager(tmp_path / "run" / "checkpoints").all_steps() == [1]
+  assert not (tmp_path / "run" / "model").exists()
+
+
+def test_sigterm_saves_and_stops_and_a_kill_during_a_save_leaves_no_duplicate_metrics(tmp_path, monkeypatch,
+                                                                                      capsys):
+  import os
+  import signal
+  from msfp_jax import guards, metrics
+
+  class Killed(BaseException):
+    pass
+
+  def config_for(steps):
+    config = runlocal(num_steps=steps, checkpoint_every=10)
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.sample.num_samples = 0
+    return config
+
+  real_progress, real_save = metrics.progress, checkpoint.CheckpointManager.save
+
+  def signalling_progress(total, writer=None, **kw):
+    reporter = real_progress(total, writer, **kw)
+
+    class Signalling:
+      def report(self, step):
+        reporter.report(step)
+        if step == 1:
+          os.kill(os.getpid(), signal.SIGTERM)
+    return Signalling()
+
+  monkeypatch.setattr(train_fp.metrics, "progress", signalling_progress)
+  with pytest.raises(guards.TrainingInterrupted) as info:
+    train_fp.train_and_evaluate(config_for(3), tmp_path / "run")
+  assert info.value.code == 128 + signal.SIGTERM
+  assert "interrupted at step 1; rerun the same command to resume" in capsys.readouterr().err
+  assert checkpoint.CheckpointManager(tmp_path / "run" / "checkpoints").all_steps() == [1]
+  monkeypatch.setattr(train_fp.metrics, "progress", real_progress)
+
+  def dying_save(self, step, state, **kw):  # a kill inside the step-3 save, after step 3 was logged
+    if step == 3:
+      raise Killed()
+    return real_save(self, step, state, **kw)
+
+  monkeypatch.setattr(checkpoint.CheckpointManager, "save", dying_save)
+  with pytest.raises(Killed):
+    train_fp.train_and_evaluate(config_for(3), tmp_path / "run")
+  monkeypatch.setattr(checkpoint.CheckpointManager, "save", real_save)
+  steps = lambda: [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  assert steps() == [1, 2, 3]
+  result = train_fp.train_and_evaluate(config_for(3), tmp_path / "run")
+  assert result["final_step"] == 3 and steps() == [1, 2, 3]
+
+
+def test_bad_command_lines_end_in_one_line(tmp_path):
+  import os
+  import subprocess
+  import sys
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  a_file = tmp_path / "a_file"
+  a_file.write_text("")
+  for args, expected in (
+      ([f"--workdir={tmp_path / 'run'}", "--config.train.learning_ratee=1"],
+       "error: Unknown config field --config.train.learning_ratee: config.train has no field 'learning_ratee'. "
+       "Did you mean --config.train.learning_rate?"),
+      ([f"--workdir={a_file}"], f"error: --workdir={a_file} is a file, not a directory")):
+    out = subprocess.run([sys.executable, "-m", "msfp_jax.train_fp", "--config=configs/default_fp.py:runlocal",
+                          *args], cwd=repo, capture_output=True, text=True, timeout=600, env=dict(os.environ))
+    assert out.returncode != 0
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(expected), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+  assert not (tmp_path / "run").exists()

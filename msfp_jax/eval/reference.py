@@ -103,12 +103,23 @@ def _folder_batches(folder: pathlib.Path, batch_size: int) -> Iterator[np.ndarra
     yield np.stack(batch)
 
 
+def _magic(path: pathlib.Path) -> bytes:
+  with open(path, "rb") as f:
+    return f.read(8)
+
+
 def _load_npz(path: pathlib.Path):
   expected = ("Expected pytorch-fid statistics (mu, sigma), ADM reference batches (arr_0 and/or mu, sigma, mu_s, "
               "sigma_s), or a folder of images.")
   try:
     data = np.load(path, allow_pickle=False)
-  except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+  except ValueError as e:
+    if "pickle" not in str(e):
+      raise ReferenceError(f"Cannot read {path} as an .npz file ({type(e).__name__}: {e}). {expected}") from e
+    # numpy takes what is neither a zip archive nor an .npy array for a pickle: its allow_pickle hint misleads.
+    raise ReferenceError(f"Cannot read {path} as an .npz file: it is not a statistics .npz (a zip archive of numpy "
+                         f"arrays; it starts with {_magic(path)!r}). {expected}") from None
+  except (OSError, zipfile.BadZipFile, EOFError) as e:
     raise ReferenceError(f"Cannot read {path} as an .npz file ({type(e).__name__}: {e}). {expected}") from e
   if not isinstance(data, np.lib.npyio.NpzFile):
     raise ReferenceError(f"{path} is a single array (.npy), not an .npz archive. {expected}")

@@ -12,13 +12,18 @@ Trainable: LoRA banks, router, weight and activation maxvals / zero points. Froz
 not even in the optimizer state). The batch is sharded over the "data" mesh axis, everything else replicated;
 each process feeds its own rows of the global batch. Checkpoints every `checkpoint_every` steps and at the end;
 a restart resumes from the latest and ends bit-identical to an uninterrupted run.
+
+Faults (msfp_jax.guards, docs/reliability.md): a NaN loss, or one above `finetune.divergence_factor` x its running
+median, stops the run naming the last good checkpoint, and the state of a checkpoint step is checked (its loss on
+the step's batch) before it is saved, so no diverged state is checkpointed. SIGINT / SIGTERM stop at the next step
+boundary after saving ("interrupted at step N"). A resumed run restores the newest checkpoint that reads (an
+unreadable one is named and set aside) and first drops the metrics an earlier run logged past that step.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
-import math
 import pathlib
 from typing import Any
 
@@ -29,6 +34,7 @@ from absl import logging
 
 from msfp_jax import checkpoint
 from msfp_jax import diffusion
+from msfp_jax import guards
 from msfp_jax import lora
 from msfp_jax import metrics
 from msfp_jax.train import calibration
@@ -43,12 +49,18 @@ ROUTER_JSON = "router_allocation.json"
 
 # Config fields a resumed run may change (budgets and bookkeeping); every other difference is an error.
 RESUMABLE_FIELDS = ("finetune.num_steps", "finetune.checkpoint_every", "finetune.log_every",
-                    "finetune.max_checkpoints")
+                    "finetune.max_checkpoints", "finetune.divergence_factor")
 RESUMABLE_PREFIXES = ("evaluation.", "distributed.", "mesh.")
 
 
-class TrainingDivergedError(FloatingPointError):
-  """The loss became NaN or Inf."""
+# The loss became NaN / Inf or rose far above its running median (one class for every training loop).
+TrainingDivergedError = guards.TrainingDivergedError
+
+DIVERGENCE_HINT = (
+    "Lower the learning rates (finetune.lr.lora / router / weight_scale / act_quant) or set "
+    "finetune.grad_clip_norm > 0, in a new --workdir (a resumed run must keep those fields); or, if such a loss "
+    "is expected, raise finetune.divergence_factor (0 turns the running-median check off) and rerun the same "
+    "command: it resumes from the last good checkpoint, if there is one.")
 
 
 class ConfigMismatchError(ValueError):
@@ -99,6 +111,9 @@ def _check_finetune_config(config) -> None:
       problems.append(f"finetune.{name} must be >= 1 (got {f[name]})")
   if int(f.steps_per_trajectory) < 0:
     problems.append(f"finetune.steps_per_trajectory must be >= 0 (0 = all steps; got {f.steps_per_trajectory})")
+  factor = f.get("divergence_factor", guards.DEFAULT_DIVERGENCE_FACTOR)
+  if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor >= 0:
+    problems.append(f"finetune.divergence_factor must be a number >= 0 (0 = no running-median check; got {factor!r})")
   if f.timestep_order not in ("shuffle", "sampler"):
     problems.append(f"finetune.timestep_order must be 'shuffle' or 'sampler' (got {f.timestep_order!r})")
   if problems:
@@ -236,18 +251,22 @@ def finetune(config, workdir) -> FinetuneResult:
 
   config_json = _json_config(config)
   manager = checkpoint.CheckpointManager(workdir / CHECKPOINT_DIR, max_to_keep=int(f.max_checkpoints))
-  latest = manager.latest_step()
-  if latest is not None:
-    # Compare configs first: a different config usually also means differently shaped arrays, and the
-    # field names say more than a shape mismatch.
-    _, saved_config = manager.restore(latest)
+
+  def check_saved_config(saved_config, step):
+    # Compared before the arrays are read: a different config usually also means differently shaped arrays,
+    # and the field names say more than a shape mismatch.
     diffs = config_differences(saved_config or {}, config_json)
     if diffs:
       raise ConfigMismatchError(
-          f"{workdir} holds a fine-tuning run of a different config (checkpoint step {latest}); differing "
+          f"{workdir} holds a fine-tuning run of a different config (checkpoint step {step}); differing "
           f"fields: {'; '.join(diffs)}. Use a new --workdir or the checkpoint's config.")
-    tree, _ = manager.restore(latest, target=state_lib.checkpoint_target(train_state))
-    train_state = state_lib.from_checkpoint(tree, train_state)
+
+  # The newest checkpoint that reads: an unreadable one (a truncated file) is named, set aside and redone.
+  restored = manager.restore_newest(target=state_lib.checkpoint_target(train_state),
+                                    check_config=check_saved_config)
+  latest = restored.step
+  if latest is not None:
+    train_state = state_lib.from_checkpoint(restored.state, train_state)
     logging.info("Resumed fine-tuning from step %d", latest)
   start = int(train_state.step)
   num_steps = int(f.num_steps)
@@ -264,56 +283,80 @@ def finetune(config, workdir) -> FinetuneResult:
   teacher = pipeline.TeacherSampler(bundle, schedule, sampler_config, mesh=mesh)
   n_per_traj, order = visit_plan(config, sampler_config.num_steps)
 
-  writer = metrics.create_writer(workdir, just_logging=jax.process_index() > 0)
+  # A killed run may have logged steps past the checkpoint it resumes from: they are logged again.
+  writer = metrics.create_writer(workdir, just_logging=jax.process_index() > 0, resume_step=start)
   report = metrics.progress(num_steps, writer, name="finetune")
+  guard = guards.DivergenceGuard(float(f.get("divergence_factor", guards.DEFAULT_DIVERGENCE_FACTOR)),
+                                 what="Fine-tuning", hint=DIVERGENCE_HINT)
+  if jax.process_count() == 1:  # (only process 0 has the file; every process must decide alike)
+    guard.seed(metrics.read_losses(workdir)[-guards.DEFAULT_WINDOW:])
   cached_traj: tuple[int, Any] | None = None
   last_saved = latest
   last_loss = None
   label_sharding_dummy = np.zeros((global_batch,), np.int32)
 
-  def save(step_done: int, st) -> None:
+  def last_good() -> str:
+    return (f"step {last_saved} in {manager.directory}" if last_saved is not None
+            else "no checkpoint was written yet")
+
+  def save(step_done: int, st, probe_inputs=None) -> None:
+    """Checkpoints `st` (the state after `step_done`); with `probe_inputs` (the step's batch), first checks its
+    loss on that batch: the loss of step s was computed before step s's update, which may have diverged."""
     nonlocal last_saved
-    manager.save(step_done, state_lib.to_checkpoint(sharding.to_host(st)), config=config_json)
+    host = sharding.to_host(st)
+    if probe_inputs is not None:
+      _, probe = train_step(sharding.replicate(host, mesh), variables, *probe_inputs)
+      guard.check(step_done, float(probe["loss"]), last_good=last_good(), accept=False,
+                  note="(the state after this step, on its batch, checked before it is saved)")
+    interrupts.activity = f"the save of step {step_done}"
+    manager.save(step_done, state_lib.to_checkpoint(host), config=config_json)
     manager.wait_until_finished()
     last_saved = step_done
+    interrupts.activity = "the current step"
+    interrupts.resume_hint = f"The newest checkpoint is step {last_saved}"
+    write_router_allocation(workdir, host.params["router"], talora_config, step_done, writer)
 
-  for s in range(start, num_steps):
-    j, pos = divmod(s, n_per_traj)
-    if cached_traj is None or cached_traj[0] != j:
-      x_T, labels = pipeline.noise_batch(seed, pipeline.NOISE_FINETUNE, j, global_batch, bundle.sample_shape,
-                                         bundle.num_classes)
-      labels = label_sharding_dummy if labels is None else labels
-      x_T_global = sharding.host_local_to_global(x_T, mesh)
-      labels_global = sharding.host_local_to_global(labels, mesh)
-      traj = teacher(x_T_global, labels_global, jax.random.fold_in(jax.random.key(seed), j))
-      cached_traj = (j, (traj, labels_global, order(j)))
-    traj, labels_global, visit = cached_traj[1]
-    train_state, step_metrics = train_step(train_state, variables, traj.xs, traj.ts, traj.gammas,
-                                           jnp.asarray(visit[pos], jnp.int32), labels_global)
-    step_done = s + 1
-    loss = float(step_metrics["loss"])
-    if not math.isfinite(loss):
-      good = (f"the last good checkpoint is step {last_saved} in {manager.directory}" if last_saved is not None
-              else "no checkpoint was written yet")
-      raise TrainingDivergedError(
-          f"Fine-tuning loss became {loss} at step {step_done}; {good}. Lower the learning rates "
-          "(finetune.lr.*) or enable finetune.grad_clip_norm, then resume.")
-    last_loss = loss
-    if step_done % int(f.log_every) == 0 or step_done == num_steps:
-      scalars = {k: float(v) for k, v in step_metrics.items()}
-      writer.write_scalars(step_done, scalars)
-    report.report(step_done)
-    if step_done % int(f.checkpoint_every) == 0 or step_done == num_steps:
-      save(step_done, train_state)
-      write_router_allocation(workdir, train_state.params["router"], talora_config, step_done, writer)
+  # SIGINT / SIGTERM: the loop stops at the next step boundary, after saving (one process only: see guards).
+  with guards.interruptible("finetune", enabled=jax.process_count() == 1) as interrupts:
+    if last_saved is not None:
+      interrupts.resume_hint = f"The newest checkpoint is step {last_saved}"
+    for s in range(start, num_steps):
+      j, pos = divmod(s, n_per_traj)
+      if cached_traj is None or cached_traj[0] != j:
+        x_T, labels = pipeline.noise_batch(seed, pipeline.NOISE_FINETUNE, j, global_batch, bundle.sample_shape,
+                                           bundle.num_classes)
+        labels = label_sharding_dummy if labels is None else labels
+        x_T_global = sharding.host_local_to_global(x_T, mesh)
+        labels_global = sharding.host_local_to_global(labels, mesh)
+        traj = teacher(x_T_global, labels_global, jax.random.fold_in(jax.random.key(seed), j))
+        cached_traj = (j, (traj, labels_global, order(j)))
+      traj, labels_global, visit = cached_traj[1]
+      inputs = (traj.xs, traj.ts, traj.gammas, jnp.asarray(visit[pos], jnp.int32), labels_global)
+      train_state, step_metrics = train_step(train_state, variables, *inputs)
+      step_done = s + 1
+      loss = float(step_metrics["loss"])
+      guard.check(step_done, loss, last_good=last_good())  # NaN / Inf, or far above the running median
+      last_loss = loss
+      if step_done % int(f.log_every) == 0 or step_done == num_steps:
+        scalars = {k: float(v) for k, v in step_metrics.items()}
+        writer.write_scalars(step_done, scalars)
+      report.report(step_done)
+      if (step_done % int(f.checkpoint_every) == 0 or step_done == num_steps
+          or (interrupts.requested and last_saved != step_done)):
+        save(step_done, train_state, inputs)
+      if interrupts.requested:
+        writer.flush()
+        manager.close()
+        interrupts.stop(step_done)
 
-  host_state = sharding.to_host(train_state)
-  final_step = int(host_state.step)
-  if last_saved != final_step:
-    save(final_step, train_state)
-    write_router_allocation(workdir, host_state.params["router"], talora_config, final_step, writer)
-  writer.flush()
-  manager.close()
+    host_state = sharding.to_host(train_state)
+    final_step = int(host_state.step)
+    if last_saved != final_step:
+      save(final_step, train_state)
+    writer.flush()
+    manager.close()
+    if interrupts.requested:  # a signal during the last save: finished, but the next stages must not run
+      interrupts.stop(final_step)
   trained_q = quant.QuantState.from_dict({"metadata": quant_dict["metadata"], "arrays": host_state.params["quant"]})
   return FinetuneResult(step=final_step, params=host_state.params, qstate=trained_q, talora_config=talora_config,
                         last_loss=last_loss)
@@ -327,8 +370,16 @@ def load_finetuned(config, workdir) -> FinetuneResult:
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(f"No fine-tuning checkpoint in {workdir / CHECKPOINT_DIR}; run --mode=finetune first.")
-  tree, _ = manager.restore(step)
-  manager.close()
+  try:
+    tree, _ = manager.restore(step)
+  except checkpoint.CheckpointUnreadableError as e:
+    raise checkpoint.CheckpointError(
+        f"The fine-tuning checkpoint step {step} in {manager.directory} could not be read "
+        f"({checkpoint._first_line(e.__cause__ or e)}). Rerun the fine-tuning stage (--mode=finetune, or "  # pylint: disable=protected-access
+        "the same --mode=all command): it resumes from the newest checkpoint that restores and recomputes the "
+        "rest.") from e
+  finally:
+    manager.close()
   qstate = calibration.load_calibration(workdir)
   meta = qstate.to_dict()["metadata"]
   params = tree["params"]

@@ -207,3 +207,16 @@ def test_save_stats_to_a_missing_folder_fails_before_any_work(tmp_path, monkeypa
   monkeypatch.setattr("msfp_jax.eval.load_inception", must_not_load)
   with pytest.raises(SystemExit, match="the folder .*no_such_dir does not exist"):
     fid_cli.main(["--inception", "x.pt", "some_source", "--save-stats", str(tmp_path / "no_such_dir" / "x.npz")])
+
+
+def test_random_bytes_are_not_a_statistics_npz(tmp_path):
+  # numpy takes a file that is neither a zip archive nor an .npy array for a pickle, and its hint ("allow_pickle")
+  # points the wrong way: the message says what the file is not and which keys statistics need.
+  path = tmp_path / "ref.npz"
+  path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+  with pytest.raises(reference.ReferenceError) as error:
+    reference.load_or_compute_statistics(path, inception=None, pipeline="tf")
+  message = str(error.value)
+  assert "allow_pickle" not in message and "pickle" not in message, message
+  assert "not a statistics .npz" in message and "(mu, sigma)" in message and str(path) in message
+  assert "\n" not in message

@@ -118,7 +118,26 @@ def convert_state_dict(state_dict: Mapping[str, Any], expected_params: Any,
     if misshaped:
       parts.append(_listing("mis-shaped keys", misshaped))
     raise ConversionError(". ".join(parts) + "." + (f" {hint}" if hint else ""))
+  raise_on_nonfinite({f"{torch_module_for(tuple(path[:-1]))}.{_TORCH_LEAF_NAME.get(path[-1], path[-1])}": value
+                      for path, value in out.items()}, source=source)
   return _unflatten(out)
+
+
+def raise_on_nonfinite(tensors: Mapping[str, np.ndarray], *, source: str = "checkpoint") -> None:
+  """Refuses NaN / Inf weights (a diverged or corrupted training run): one ConversionError naming the tensors.
+
+  A model with them samples NaN, and calibration could not choose a quantization range for them.
+  """
+  bad = []
+  for name, value in tensors.items():
+    value = np.asarray(value)
+    count = int(value.size - np.count_nonzero(np.isfinite(value)))
+    if count:
+      bad.append(f"{name} ({count} of {value.size} values)")
+  if bad:
+    raise ConversionError(f"The {source} holds NaN/Inf weights, so it cannot be converted: "
+                          f"{_listing('tensors', bad)}. Convert a checkpoint saved before its training run "
+                          "diverged, or fetch the file again if it was corrupted.")
 
 
 def raise_on_tree_mismatch(expected: Any, actual: Any, *, what: str = "parameters") -> None:
