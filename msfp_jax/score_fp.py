@@ -13,7 +13,6 @@ WORKDIR/scores.json. --grid writes 100 samples of seed 0 beside 100 training ima
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import pathlib
 import sys
@@ -23,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from msfp_jax import checkpoint
+from msfp_jax import stage_inputs
 from msfp_jax.diffusion import SamplerConfig, make_schedule, sample
 from msfp_jax import eval as eval_lib
-from msfp_jax.eval.inception_weights import file_sha256
 from msfp_jax.models import load, resolve_model_path
 
 
@@ -44,16 +43,6 @@ def model_sample_fn(model_path: str, sampler: SamplerConfig):
   return fn, meta
 
 
-def folder_sha256(path) -> str:
-  """sha256 over a folder's relative file names and contents (the exact weights scored)."""
-  root = pathlib.Path(path)
-  digest = hashlib.sha256()
-  for file in sorted(p for p in root.rglob("*") if p.is_file()):
-    digest.update(str(file.relative_to(root)).encode())
-    digest.update(file_sha256(file).encode())
-  return digest.hexdigest()
-
-
 def mean_std(values: list[float]) -> tuple[float, float]:
   values = np.asarray(values, np.float64)
   return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float("nan")
@@ -68,7 +57,7 @@ def score(model_path: str, reference: str, *, inception_path: str, workdir, num_
   sample_fn, meta = model_sample_fn(model_path, sampler)
   inception = eval_lib.load_inception(inception_path)
   reference_stats = eval_lib.load_or_compute_statistics(reference, inception=inception, pipeline=pipeline)
-  protocol_base = {"model_checkpoint_sha256": folder_sha256(resolve_model_path(model_path)),
+  protocol_base = {"model_checkpoint_sha256": stage_inputs.tree_sha256(resolve_model_path(model_path)),
                    "sampler": "ddim", "steps": int(num_steps), "eta": float(eta), "guidance": 0.0,
                    "skip": "uniform", "reference": reference}
   per_seed = {}

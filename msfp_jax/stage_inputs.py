@@ -39,14 +39,15 @@ def normalized(value: Any) -> Any:
 
 
 def tree_sha256(path) -> str | None:
-  """sha256 of a file, or of a folder's relative file names and contents; None when absent. Cached per process
-  while no file's size or mtime changes (the FP model is hashed once per run, not once per stage)."""
+  """sha256 of a file, or of a folder's relative file names and contents; None when absent. A folder's Markdown
+  files (a model card) are left out: editing the documentation changes no result. Cached per process while no
+  file's size or mtime changes (the FP model is hashed once per run, not once per stage)."""
   from msfp_jax.eval.inception_weights import file_sha256
   path = pathlib.Path(path)
   if path.is_file():
     files = [path]
   elif path.is_dir():
-    files = sorted(p for p in path.rglob("*") if p.is_file())
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix != ".md")
   else:
     return None
   key = (str(path.resolve()), path.is_file(), tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))

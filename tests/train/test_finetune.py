@@ -122,8 +122,11 @@ def test_resume_with_another_config_names_the_fields(reference_run, tiny_model_d
 def test_nan_loss_stops_with_step_and_last_good_checkpoint(tiny_model_dir, tmp_path):
   config = _config(tiny_model_dir, **{"finetune.lr.lora": float("inf"), "finetune.checkpoint_every": 1,
                                       "finetune.num_steps": 6})
-  with pytest.raises(finetune_lib.TrainingDivergedError, match=r"at step (\d+); the last good checkpoint is step"):
+  # The update of step 1 makes the weights non-finite: caught on the state about to be saved, so nothing is saved.
+  with pytest.raises(finetune_lib.TrainingDivergedError,
+                     match=r"diverged at step 1: loss nan .*Nothing of it was saved; no checkpoint was written yet"):
     finetune_lib.finetune(config, tmp_path)
+  assert checkpoint.CheckpointManager(tmp_path / finetune_lib.CHECKPOINT_DIR).all_steps() == []
 
 
 def test_bad_finetune_config_is_one_clear_error(tiny_model_dir, tmp_path):
@@ -160,6 +163,12 @@ def _run_workers(tiny_model_dir, workdir, num_steps, *, devices=1, processes=1):
 
 
 def test_eight_devices_and_two_processes_match_one_device(tiny_model_dir, tmp_path):
+  # The loss tolerance below is a property of this tiny model, not of the sharding. What holds between device
+  # counts in general (test_device_agreement.py, docs/reliability.md item 14): the FP parts agree to ~1e-7
+  # relative, and the students differ only through 4-bit activation codes that float reassociation flipped
+  # (a few ulps at a rounding boundary). On this model such flips barely move the loss; on the built-in model
+  # (configs/default.py) one flipped code cascades through the decoder and step 1 differs by ~1 % (8 devices),
+  # later steps by up to ~15 %, so loss curves must not be compared across device counts there.
   one = _run_workers(tiny_model_dir, tmp_path / "one", 3)[0]
   eight = _run_workers(tiny_model_dir, tmp_path / "eight", 3, devices=8)[0]
   two_procs = _run_workers(tiny_model_dir, tmp_path / "two", 3, processes=2)

@@ -1,0 +1,1 @@
+"""Diagnostics: scripts that explain a measurement (python -m msfp_jax.diagnostics.NAME)."""
