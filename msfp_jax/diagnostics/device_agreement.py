@@ -44,17 +44,6 @@ _REPO = pathlib.Path(__file__).resolve().parents[2]
 if str(_REPO) not in sys.path:  # configs/ lives beside msfp_jax/
   sys.path.insert(0, str(_REPO))
 
-_CONFIG = config_flags.DEFINE_config_file("config", str(_REPO / "configs" / "default.py"),
-                                          "Experiment config, FILE.py[:ARG] (default: the built-in model).")
-_DEVICES = flags.DEFINE_list("devices", ["1", "8"], "Device counts to compare; the first is the reference.")
-_OUT = flags.DEFINE_string("out", None, "Output directory (npz files, the calibrated workdir, the loop's runs).")
-_PROBE_STEP = flags.DEFINE_integer("probe_step", 1, "The optimizer step (1-based) whose batch is probed.")
-_LOSS_STEPS = flags.DEFINE_integer("loss_steps", 1, "Also run the real fine-tuning loop for this many steps "
-                                   "per device count and compare its logged losses (0: skip).")
-_WORKER = flags.DEFINE_enum("worker", "", ["", "calibrate", "run"], "Internal: the subprocess's role.")
-_WORKER_DEVICES = flags.DEFINE_integer("worker_devices", 1, "Internal: the subprocess's device count.")
-_REFERENCE = flags.DEFINE_string("reference", None, "Internal: the reference npz (for the forced run).")
-
 CALIBRATED = "calibrated"
 FORCED = "device_agreement_forced"  # the collection of `variables` that carries the forced activations
 # Tolerance of `check`, relative to each array's scale (max |diff| / max(max |ref|, 1)): float32 reassociation
@@ -435,23 +424,39 @@ def run_all(argv: list[str], devices: list[int], out: pathlib.Path) -> list[dict
   return [compare(reference, dict(np.load(npz_path(out, n)))) for n in devices[1:]]
 
 
+def _define_flags() -> None:
+  """Defined only when this module is the program: importing it (the tests do) must not claim --config, which
+  msfp_jax.main also defines in the same process."""
+  config_flags.DEFINE_config_file("config", str(_REPO / "configs" / "default.py"),
+                                  "Experiment config, FILE.py[:ARG] (default: the built-in model).")
+  flags.DEFINE_list("devices", ["1", "8"], "Device counts to compare; the first is the reference.")
+  flags.DEFINE_string("out", None, "Output directory (npz files, the calibrated workdir, the loop's runs).")
+  flags.DEFINE_integer("probe_step", 1, "The optimizer step (1-based) whose batch is probed.")
+  flags.DEFINE_integer("loss_steps", 1, "Also run the real fine-tuning loop for this many steps per device count "
+                       "and compare its logged losses (0: skip).")
+  flags.DEFINE_enum("worker", "", ["", "calibrate", "run"], "Internal: the subprocess's role.")
+  flags.DEFINE_integer("worker_devices", 1, "Internal: the subprocess's device count.")
+  flags.DEFINE_string("reference", None, "Internal: the reference npz (for the forced run).")
+
+
 def main(argv):
   del argv
-  if not _OUT.value:
+  FLAGS = flags.FLAGS
+  if not FLAGS.out:
     raise app.UsageError("--out is required")
-  out = pathlib.Path(_OUT.value).resolve()
-  if _WORKER.value:
+  out = pathlib.Path(FLAGS.out).resolve()
+  if FLAGS.worker:
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     if cache:
       import jax
       jax.config.update("jax_compilation_cache_dir", cache)
-    if _WORKER.value == "calibrate":
-      _worker_calibrate(_CONFIG.value, out)
+    if FLAGS.worker == "calibrate":
+      _worker_calibrate(FLAGS.config, out)
     else:
-      _worker_run(_CONFIG.value, out, _WORKER_DEVICES.value,
-                  pathlib.Path(_REFERENCE.value) if _REFERENCE.value else None, _PROBE_STEP.value, _LOSS_STEPS.value)
+      _worker_run(FLAGS.config, out, FLAGS.worker_devices,
+                  pathlib.Path(FLAGS.reference) if FLAGS.reference else None, FLAGS.probe_step, FLAGS.loss_steps)
     return
-  devices = [int(d) for d in _DEVICES.value]
+  devices = [int(d) for d in FLAGS.devices]
   reports = run_all(sys.argv[1:], devices, out)
   for n, report in zip(devices[1:], reports):
     print(format_report(devices[0], n, report))
@@ -459,4 +464,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
