@@ -19,11 +19,16 @@ VARIANTS = (
     ("INT4 PTQ (INT baseline)", "ptq", (("quant.kind", "int"), ("quant.sign_mode", "signed"))),
     ("signed FP4 PTQ", "ptq", (("quant.sign_mode", "signed"),)),
     ("mixup-sign FP4 PTQ", "ptq", ()),
+    # Shortcut splitting's own effect at PTQ: the up-blocks' concatenated inputs under one quantizer.
+    ("signed FP4 PTQ without shortcut splitting", "ptq", (("quant.sign_mode", "signed"),
+                                                         ("quant.split_shortcut", False))),
+    ("mixup-sign FP4 PTQ without shortcut splitting", "ptq", (("quant.split_shortcut", False),)),
     ("signed FP4 + LoRA", "finetuned", (("quant.sign_mode", "signed"), ("lora.num_banks", 1),
                                         ("finetune.dfa_weighting", "none"))),
     ("+ mixup-sign (MSFP + LoRA)", "finetuned", (("lora.num_banks", 1), ("finetune.dfa_weighting", "none"))),
     ("+ TALoRA (K=4)", "finetuned", (("finetune.dfa_weighting", "none"),)),
     ("+ DFA (full MSFP)", "finetuned", ()),
+    ("full MSFP without shortcut splitting", "finetuned", (("quant.split_shortcut", False),)),
     ("W6A6 full MSFP", "finetuned", (("quant.weight_bits", 6), ("quant.act_bits", 6))),
     ("W4A8 full MSFP", "finetuned", (("quant.act_bits", 8),)),
 )

@@ -19,7 +19,6 @@ def benchmark_config(weight_bits: int, act_bits: int, runlocal: bool = False):
   config.sampler.num_steps = 100
   config.sampler.eta = 0.0
   config.sampler.skip = "uniform"
-  config.evaluation.benchmark = "celeba"
   config.evaluation.num_samples = 50000
   config.evaluation.reference = "reference_stats/celeba_train.npz"  # CelebA train statistics
   if runlocal:

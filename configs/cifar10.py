@@ -19,7 +19,6 @@ def benchmark_config(weight_bits: int, act_bits: int, runlocal: bool = False):
   config.sampler.num_steps = 100
   config.sampler.eta = 0.0
   config.sampler.skip = "quad"
-  config.evaluation.benchmark = "cifar10"
   config.evaluation.num_samples = 50000
   config.evaluation.reference = "reference_stats/cifar10_train.npz"  # CIFAR-10 train statistics
   if runlocal:

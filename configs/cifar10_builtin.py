@@ -19,7 +19,6 @@ def get_config(arg=None):
   # The model card's protocol: DDIM 50 steps, eta 0; N = 1,000 samples per model.
   config.sampler.num_steps = 50
   config.sampler.eta = 0.0
-  config.evaluation.benchmark = "cifar10_builtin"
   # The 10,000 test images until the 50,000-image training-set statistics ship (see MODEL_CARD.md).
   config.evaluation.reference = "builtin:cifar10-test"
   config.evaluation.max_reference_images = 0

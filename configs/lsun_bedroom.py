@@ -19,7 +19,6 @@ def benchmark_config(weight_bits: int, act_bits: int, runlocal: bool = False):
   config.sampler.num_steps = 200
   config.sampler.eta = 1.0
   config.sampler.skip = "uniform"
-  config.evaluation.benchmark = "lsun_bedroom"
   config.evaluation.num_samples = 50000
   config.evaluation.reference = "reference_stats/lsun_bedroom.npz"  # LSUN Bedroom statistics
   if runlocal:

@@ -21,7 +21,6 @@ def benchmark_config(weight_bits: int, act_bits: int, runlocal: bool = False):
   config.sampler.num_steps = 400
   config.sampler.eta = 0.0
   config.sampler.skip = "uniform"
-  config.evaluation.benchmark = "lsun_church"
   config.evaluation.num_samples = 50000
   config.evaluation.reference = "reference_stats/lsun_church.npz"  # LSUN Church statistics
   if runlocal:

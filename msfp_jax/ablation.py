@@ -55,11 +55,24 @@ def _sample_images(models, name: str, config) -> np.ndarray:
   return np.clip(models.sample(name, x_T, labels, jax.random.key(int(config.seed))), -1.0, 1.0)
 
 
-def _score(models, name: str, config, workdir: pathlib.Path, fp_images: np.ndarray, inception, reference) -> dict:
+def _score(models, name: str, config, workdir: pathlib.Path, fp_images: np.ndarray, inception, reference,
+           fp_statistics: pathlib.Path | None = None) -> dict:
+  """The paired metrics against the FP model from the same noise (sample MSE, PSNR, teacher-forced eps MSE per
+  step, FD to FP once the FP evaluation exists), pixel FD for the built-in model, FID / sFID / IS."""
   from msfp_jax import stages
+  from msfp_jax.eval import paired
   from msfp_jax.train import pipeline
   images = _sample_images(models, name, config)
   result = {"sample_mse_vs_fp": float(np.mean((images - fp_images) ** 2))}
+  if name != "fp":
+    result["sample_psnr_vs_fp"] = paired.psnr(images, fp_images)
+    x_T, labels = pipeline.noise_batch(int(config.seed), stages.NOISE_SAMPLE, 0, int(config.sample.num_images),
+                                       models.bundle.sample_shape, models.bundle.num_classes)
+    forced = stages.per_step_errors(models, (name,), x_T, labels, jax.random.key(int(config.seed)),
+                                    int(config.sample.num_teacher_forced))
+    result["per_step"] = {"t": forced["t"], "gamma": forced["gamma"], **forced[name]}
+    result["eps_mse_vs_fp"] = float(np.mean(forced[name]["eps_mse"]))
+    result["x_prev_mse_vs_fp"] = float(np.mean(forced[name]["x_prev_mse"]))
   if config.model.path == pipeline.BUILTIN_MODEL:
     # A distribution-level score that needs no Inception network: the built-in model's held-out digits.
     from msfp_jax.data import digits
@@ -72,12 +85,20 @@ def _score(models, name: str, config, workdir: pathlib.Path, fp_images: np.ndarr
     protocol = {"model_checkpoint_sha256": stages.model_checkpoint_sha256(config), "sampler": s.kind,
                 "steps": int(s.num_steps), "eta": float(s.eta), "guidance": float(s.guidance_scale),
                 "seed": int(config.seed) + 1000}
+    labels = models.eval_labels(int(config.evaluation.num_samples), protocol["seed"])
+    if labels is not None:
+      protocol["class_labels"] = "balanced, shuffled"
     scores = eval_lib.evaluate(models.sample_fn(name), int(config.evaluation.num_samples), workdir, name=name,
                                batch_size=int(config.evaluation.batch_size), inception=inception,
-                               reference=reference, pipeline=config.evaluation.fid_pipeline, protocol=protocol)
+                               reference=reference, pipeline=config.evaluation.fid_pipeline, protocol=protocol,
+                               labels=labels)
     found = scores.get("metrics", {})
     result.update({key: found[metric] for key, metric in (("fid", "fid"), ("sfid", "sfid"), ("is", "inception_score"))
                    if found.get(metric) is not None})
+    if fp_statistics is not None:
+      distance = stages.fd_to_fp(pathlib.Path(workdir) / "eval" / name / "statistics.npz", fp_statistics)
+      if distance is not None:
+        result["fd_to_fp"] = distance
   return result
 
 
@@ -109,6 +130,18 @@ def run_ablation(config, workdir) -> dict:
     base = variant_config(config, (), seed)
     fp_dir = workdir / "fp" / f"seed_{seed}"
     fp_dir.mkdir(parents=True, exist_ok=True)
+    # The FP model first: its samples and its evaluation's features serve every row of this seed.
+    fp_file = fp_dir / "samples.npz"
+    if not (fp_dir / RESULT_FILE).is_file() or not fp_file.is_file():
+      models = stages.Models(base, fp_dir)
+      if reference is None and inception is not None:
+        reference, _ = stages.reference_statistics(base, workdir, inception)
+      if not fp_file.is_file():
+        np.savez(fp_file, images=_sample_images(models, "fp", base))
+      checkpoint.save_json(fp_dir / RESULT_FILE, _score(models, "fp", base, fp_dir, np.load(fp_file)["images"],
+                                                         inception, reference))
+    fp_cache[seed] = np.load(fp_file)["images"]
+    fp_statistics = fp_dir / "eval" / "fp" / "statistics.npz"
     for name, scored, overrides in variants:
       variant_dir = workdir / slug(name) / f"seed_{seed}"
       if (variant_dir / RESULT_FILE).is_file():
@@ -121,34 +154,24 @@ def run_ablation(config, workdir) -> dict:
       models = stages.Models(variant, variant_dir)
       if reference is None and inception is not None:
         reference, _ = stages.reference_statistics(variant, workdir, inception)
-      if seed not in fp_cache:
-        fp_file = fp_dir / "samples.npz"
-        if not fp_file.is_file():
-          np.savez(fp_file, images=_sample_images(models, "fp", base))
-        fp_cache[seed] = np.load(fp_file)["images"]
       calibration.load_or_calibrate(variant, variant_dir, bundle=models.bundle)
       if scored == "finetuned":
         finetune.finetune(variant, variant_dir)
-      result = _score(models, scored, variant, variant_dir, fp_cache[seed], inception, reference)
+      result = _score(models, scored, variant, variant_dir, fp_cache[seed], inception, reference, fp_statistics)
       result.update({"variant": name, "seed": seed, "scored": scored, "overrides": [list(o) for o in overrides],
                      "seconds": time.time() - start})
       checkpoint.save_json(variant_dir / RESULT_FILE, result)
       logging.info("ablation %s seed %d: %s", name, seed, result)
       done += 1
       report.report(done)
-    if not (fp_dir / RESULT_FILE).is_file():
-      models = stages.Models(base, fp_dir)
-      if reference is None and inception is not None:
-        reference, _ = stages.reference_statistics(base, workdir, inception)
-      checkpoint.save_json(fp_dir / RESULT_FILE, _score(models, "fp", base, fp_dir, fp_cache[seed], inception,
-                                                         reference))
   table = summarize(config, workdir, variants, seeds)
   return table
 
 
 def summarize(config, workdir: pathlib.Path, variants, seeds) -> dict:
   rows = []
-  metric_names = ["fid", "sfid", "is", "pixel_fd", "sample_mse_vs_fp"]
+  metric_names = ["fid", "sfid", "is", "fd_to_fp", "pixel_fd", "sample_mse_vs_fp", "sample_psnr_vs_fp",
+                  "eps_mse_vs_fp", "x_prev_mse_vs_fp"]
   entries = [("FP (full precision)", workdir / "fp")] + [(name, workdir / slug(name)) for name, _, _ in variants]
   for name, directory in entries:
     per_seed = [checkpoint.load_json(directory / f"seed_{s}" / RESULT_FILE) for s in seeds
@@ -167,7 +190,8 @@ def summarize(config, workdir: pathlib.Path, variants, seeds) -> dict:
                if any("fid" in row for row in rows) else "steps, no FID (FID network not configured)")
             + f"; pixel FD (built-in model: vs the held-out digits) and sample MSE vs FP on {config.sample.num_images} "
             "samples from the same noise; mean +- std over seeds.")
-  lines = [header, "", "| variant | FID | sFID | IS | pixel FD | sample MSE vs FP |", "|---|---|---|---|---|---|"]
+  lines = [header, "", "| variant | FID | sFID | IS | FD to FP | pixel FD | sample MSE vs FP | PSNR vs FP (dB) | "
+           "eps MSE vs FP |", "|---|---|---|---|---|---|---|---|---|"]
 
   def cell(row, metric):
     if metric not in row:
@@ -175,7 +199,8 @@ def summarize(config, workdir: pathlib.Path, variants, seeds) -> dict:
     return f"{row[metric]['mean']:.4g} +- {row[metric]['std']:.2g}"
   for row in rows:
     lines.append(f"| {row['variant']} | {cell(row, 'fid')} | {cell(row, 'sfid')} | {cell(row, 'is')} | "
-                 f"{cell(row, 'pixel_fd')} | {cell(row, 'sample_mse_vs_fp')} |")
+                 f"{cell(row, 'fd_to_fp')} | {cell(row, 'pixel_fd')} | {cell(row, 'sample_mse_vs_fp')} | "
+                 f"{cell(row, 'sample_psnr_vs_fp')} | {cell(row, 'eps_mse_vs_fp')} |")
   text = "\n".join(lines) + "\n"
   (workdir / "ablation.md").write_text(text)
   checkpoint.save_json(workdir / "ablation.json", {"header": header, "rows": rows})

@@ -145,20 +145,29 @@ class Models:
     return np.asarray(x_0 if self._decode is None else self._decode(x_0))
 
   def sample_fn(self, name: str) -> Callable:
-    """(rng, batch) -> images in [-1, 1], for the evaluation loop."""
+    """(rng, batch[, labels]) -> images in [-1, 1], for the evaluation loop (labels: class-conditional models,
+    from `eval_labels`)."""
     bundle = self.bundle
 
-    def fn(rng, batch_size):
-      noise_key, label_key, step_key = jax.random.split(rng, 3)
+    def fn(rng, batch_size, labels=None):
+      if bundle.conditional and labels is None:
+        raise ValueError("a class-conditional model samples for given labels (evaluation: eval_labels)")
+      noise_key, _, step_key = jax.random.split(rng, 3)  # three keys, as before labels were given
       x_T = jax.random.normal(noise_key, (batch_size, *bundle.sample_shape), jnp.float32)
-      labels = (np.asarray(jax.random.randint(label_key, (batch_size,), 0, bundle.num_classes))
-                if bundle.conditional else None)
-      images = self.sample(name, x_T, labels, step_key)
+      images = self.sample(name, x_T, None if labels is None else np.asarray(labels), step_key)
       return np.clip(images, -1.0, 1.0)
     return fn
 
+  def eval_labels(self, num_samples: int, seed: int) -> np.ndarray | None:
+    """The evaluation's class labels: balanced (num_samples / classes each), shuffled; None if unconditional."""
+    if not self.bundle.conditional:
+      return None
+    from msfp_jax import eval as eval_lib
+    return eval_lib.balanced_labels(num_samples, self.bundle.num_classes, seed)
+
 
 # ------------------------------------------------------------------------------------------------ sample stage
+PER_STEP_ERRORS = "per_step_eps_errors.json"  # under SAMPLES_DIR
 def _grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
   """[N, H, W, C] in [-1, 1] -> uint8 [rows*H, columns*W, 3] with 1-pixel gaps (square by default)."""
   images = np.clip((np.asarray(images) + 1.0) * 127.5, 0, 255).round().astype(np.uint8)
@@ -231,13 +240,36 @@ def run_sample(config, workdir, models: Models | None = None) -> dict:
                      f"fine-tuned W{q.weight_bits}A{q.act_bits}": outputs["finetuned"]},
                     workdir / "samples_side_by_side.png",
                     title=f"same noise, {config.sampler.kind.upper()} {config.sampler.num_steps} steps")
+  from msfp_jax.eval import paired
+  forced = per_step_errors(models, ("ptq", "finetuned"), x_T, labels, rng, int(config.sample.num_teacher_forced))
+  checkpoint.save_json(workdir / SAMPLES_DIR / PER_STEP_ERRORS, forced)
+  paired.plot_per_step_errors(forced, workdir / "per_step_eps_errors.png",
+                              title=f"teacher-forced along {forced['num_trajectories']} FP trajectories, "
+                                    f"{config.sampler.kind.upper()} {config.sampler.num_steps} steps")
   summary = {
       "num_images": n, "seed": int(config.seed),
       "sample_mse_vs_fp": {name: float(np.mean((outputs[name] - outputs["fp"]) ** 2)) for name in MODELS},
+      "sample_psnr_vs_fp": {name: paired.psnr(outputs[name], outputs["fp"]) for name in MODELS if name != "fp"},
+      "mean_eps_mse_vs_fp": {name: float(np.mean(forced[name]["eps_mse"])) for name in MODELS if name != "fp"},
+      "mean_x_prev_mse_vs_fp": {name: float(np.mean(forced[name]["x_prev_mse"])) for name in MODELS if name != "fp"},
       "seconds": timings, stage_inputs.INPUTS_KEY: inputs,
   }
   checkpoint.save_json(summary_path, summary)
   return summary
+
+
+def per_step_errors(models: Models, names, x_T, labels, rng, num_trajectories: int) -> dict:
+  """Teacher forcing: the eps error of the models `names` at every step of the FP model's trajectories from
+  the first num_trajectories of x_T (eval.paired.per_step_eps_errors), with the trajectory count."""
+  from msfp_jax.eval import paired
+  k = max(1, min(int(num_trajectories), len(x_T)))
+  x_T = np.asarray(x_T)[:k]
+  labels = None if labels is None else np.asarray(labels)[:k]
+  trajectory = pipeline.TeacherSampler(models.bundle, models.schedule, models.sampler_config)(x_T, labels, rng)
+  eps = {name: jax.jit(_sampler_eps(models.apply_fn(name), models.bundle, labels)) for name in ("fp", *names)}
+  errors = paired.per_step_eps_errors({name: eps[name] for name in names}, eps["fp"], trajectory.xs,
+                                      trajectory.ts, trajectory.gammas)
+  return {**errors, "num_trajectories": k}
 
 
 # ------------------------------------------------------------------------------------------------ eval stage
@@ -321,6 +353,9 @@ def run_eval(config, workdir, models: Models | None = None) -> dict:
       "eta": float(s.eta), "guidance": float(s.guidance_scale), "seed": int(config.seed) + 1000,
       "skip": s.skip, "reference": reference_name,
   }
+  labels = models.eval_labels(int(config.evaluation.num_samples), protocol["seed"])
+  if labels is not None:
+    protocol["class_labels"] = "balanced, shuffled"
   for name in MODELS:
     if name not in todo:
       results[name] = previous[name]
@@ -330,14 +365,37 @@ def run_eval(config, workdir, models: Models | None = None) -> dict:
     results[name] = eval_lib.evaluate(
         models.sample_fn(name), int(config.evaluation.num_samples), workdir, name=name,
         batch_size=int(config.evaluation.batch_size), inception=inception, reference=reference,
-        pipeline=config.evaluation.fid_pipeline, protocol=protocol)
+        pipeline=config.evaluation.fid_pipeline, protocol=protocol, labels=labels)
     if results[name] is None:  # hosts other than 0
       continue
     results[name]["seconds"] = time.time() - start
     results[name][stage_inputs.INPUTS_KEY] = inputs[name]
   if jax.process_index() == 0:
+    add_fd_to_fp(results, workdir)
     checkpoint.save_json(summary_path, results)
   return results
+
+
+def fd_to_fp(model_statistics, fp_statistics) -> float | None:
+  """The Frechet distance between the Inception features of a model's and the FP model's samples (their
+  evaluations' statistics.npz files; None while either is missing). Evaluations of one protocol seed start
+  from the same noise, so this pairs the two models."""
+  from msfp_jax import eval as eval_lib
+  if not (pathlib.Path(model_statistics).is_file() and pathlib.Path(fp_statistics).is_file()):
+    return None
+  a, b = eval_lib.statistics_from_npz(model_statistics), eval_lib.statistics_from_npz(fp_statistics)
+  return eval_lib.frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
+
+
+def add_fd_to_fp(results: dict, workdir) -> None:
+  """results[name]["metrics"]["fd_to_fp"] for the quantized models; recomputed whenever the stage runs, so it
+  always uses the current FP statistics."""
+  evals = pathlib.Path(workdir) / "eval"
+  for name in MODELS:
+    if name != "fp" and "metrics" in results.get(name, {}):
+      value = fd_to_fp(evals / name / "statistics.npz", evals / "fp" / "statistics.npz")
+      if value is not None:
+        results[name]["metrics"]["fd_to_fp"] = value
 
 
 def _keep_eval_rounds_if_current(workdir: pathlib.Path, name: str, inputs: dict) -> None:
@@ -407,13 +465,19 @@ def run_export(config, workdir, models: Models | None = None) -> dict:
       sample_from_packed(loaded, bundle, models.schedule, models.sampler_config, x_T, labels, rng))
   fake_quant = models.sample("finetuned", x_T, labels, rng)
   max_diff = float(np.max(np.abs(from_packed - fake_quant)))
+  # As an integer kernel would run it: equal up to float summation order while every zero point is on the
+  # grid (calibration puts it there; training the activation ranges, finetune.lr.act_quant > 0, moves it).
+  on_codes = models.decode(sample_from_packed(loaded, bundle, models.schedule, models.sampler_config, x_T, labels,
+                                              rng, code_domain=True))
+  code_domain_diff = float(np.max(np.abs(on_codes - fake_quant)))
   summary = {
       "file": str(path), "num_banks": talora_config.num_banks, "bytes": sizes["file"],
       "bytes_one_bank": one_bank["file"], "fp_checkpoint_bytes": fp_bytes,
       "float32_equivalent_bytes": sizes["float32_equivalent"],
       "ratio_one_bank_vs_fp": one_bank["file"] / fp_bytes,
       "ratio_all_banks_vs_fp": sizes["file"] / fp_bytes,
-      "max_abs_diff_packed_vs_fake_quant_samples": max_diff, stage_inputs.INPUTS_KEY: inputs,
+      "max_abs_diff_packed_vs_fake_quant_samples": max_diff,
+      "max_abs_diff_code_domain_vs_fake_quant_samples": code_domain_diff, stage_inputs.INPUTS_KEY: inputs,
   }
   checkpoint.save_json(summary_path, summary)
   return summary
@@ -428,8 +492,13 @@ def merge_bank(variables, update: BankUpdate):
   return {**variables, "params": flax.traverse_util.unflatten_dict(flat, sep="/")}
 
 
-def sample_from_packed(loaded, bundle: pipeline.ModelBundle, schedule, sampler_config, x_T, labels, rng):
-  """Samples from a packed model file (banks picked per step by its bank_of_timestep table)."""
+def sample_from_packed(loaded, bundle: pipeline.ModelBundle, schedule, sampler_config, x_T, labels, rng, *,
+                       code_domain: bool = False):
+  """Samples from a packed model file (banks picked per step by its bank_of_timestep table).
+
+  code_domain: run the layers with input zero points as an integer kernel would (on codes, padded with the
+  code of 0, zero point folded into the bias; quant.packed.code_domain_apply).
+  """
   stacked = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *loaded.variables_per_bank)
   # The file stores uint8 while the banks fit in a byte; index with int32 as QuantizedSampler does.
   table = (jnp.asarray(loaded.extra["bank_of_timestep"], jnp.int32) if "bank_of_timestep" in loaded.extra
@@ -438,8 +507,12 @@ def sample_from_packed(loaded, bundle: pipeline.ModelBundle, schedule, sampler_c
 
   def apply(x, t, *label):
     k = 0 if table is None else table[t[0]]
-    return quant.quantized_apply(model, jax.tree.map(lambda s: s[k], stacked), qstate, x, t, *label,
-                                 weights_prequantized=True)
+    variables = jax.tree.map(lambda s: s[k], stacked)
+    if code_domain:  # the folded biases of the step's bank, chosen inside the traced function like its kernels
+      layers = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs])[k], *loaded.code_domain_per_bank)
+      with quant.quantization_interceptor(qstate, weights_prequantized=True, code_domain=layers):
+        return model.apply(variables, x, t, *label)
+    return quant.quantized_apply(model, variables, qstate, x, t, *label, weights_prequantized=True)
   eps_fn = _sampler_eps(apply, bundle, labels)
   return np.asarray(diffusion.sample(eps_fn, x_T, schedule, sampler_config, rng))
 
@@ -476,6 +549,9 @@ def run_report(config, workdir, *, write: bool = True) -> dict:
     entry: dict[str, Any] = {}
     if samples_current[name] and samples_current["fp"]:
       entry["sample_mse_vs_fp"] = samples["sample_mse_vs_fp"][name]
+      for key in ("sample_psnr_vs_fp", "mean_eps_mse_vs_fp", "mean_x_prev_mse_vs_fp"):
+        if name in samples.get(key, {}):
+          entry[key] = samples[key][name]
     scores = evals.get(name) if isinstance(evals, dict) else None
     if isinstance(scores, dict) and not current(f"eval {name}", scores.get(stage_inputs.INPUTS_KEY),
                                                 stage_inputs.eval_inputs(config, workdir, name)):
@@ -483,7 +559,7 @@ def run_report(config, workdir, *, write: bool = True) -> dict:
     if scores:
       found = scores.get("metrics", {})
       for key, metric in (("fid", "fid"), ("sfid", "sfid"), ("is", "inception_score"),
-                          ("is_std", "inception_score_std")):
+                          ("is_std", "inception_score_std"), ("fd_to_fp", "fd_to_fp")):
         if found.get(metric) is not None:
           entry[key] = found[metric]
       entry["protocol"] = scores.get("protocol")
@@ -524,7 +600,11 @@ def report_markdown(report: dict) -> str:
            f"W{q['weight_bits']}A{q['act_bits']} {q['kind'].upper()} (sign mode {q['sign_mode']}), "
            f"TALoRA K={q['lora_banks']} rank {q['lora_rank']}, DFA weighting {q['dfa_weighting']}, "
            f"{q['finetune_steps']} fine-tuning steps.", "",
-           "| model | FID | sFID | IS | sample MSE vs FP |", "|---|---|---|---|---|"]
+           "Against the FP model from the same noise (paired: far less noisy than FID at a few hundred "
+           "samples): sample MSE and PSNR, FD to FP (Frechet distance of the Inception features), and the "
+           "teacher-forced eps MSE averaged over the sampler's steps (per step: per_step_eps_errors.png).", "",
+           "| model | FID | sFID | IS | FD to FP | sample MSE vs FP | PSNR vs FP (dB) | eps MSE vs FP |",
+           "|---|---|---|---|---|---|---|---|"]
 
   def cell(entry, key):
     value = entry.get(key)
@@ -532,7 +612,8 @@ def report_markdown(report: dict) -> str:
   for name in MODELS:
     entry = report[name]
     lines.append(f"| {name} | {cell(entry, 'fid')} | {cell(entry, 'sfid')} | {cell(entry, 'is')} | "
-                 f"{cell(entry, 'sample_mse_vs_fp')} |")
+                 f"{cell(entry, 'fd_to_fp')} | {cell(entry, 'sample_mse_vs_fp')} | "
+                 f"{cell(entry, 'sample_psnr_vs_fp')} | {cell(entry, 'mean_eps_mse_vs_fp')} |")
   lines += ["", "Protocol: " + ", ".join(f"{k}={v}" for k, v in p.items()), ""]
   protocol = next((report[name]["protocol"] for name in MODELS if report[name].get("protocol")), None)
   if protocol:
@@ -547,7 +628,10 @@ def report_markdown(report: dict) -> str:
     lines += [f"Packed export: {e['bytes']} bytes for {e['num_banks']} banks; one bank {e['bytes_one_bank']} bytes "
               f"= {e['ratio_one_bank_vs_fp']:.3f}x the FP checkpoint ({e['fp_checkpoint_bytes']} bytes); samples "
               f"from the packed file differ from the fake-quantized model's by at most "
-              f"{e['max_abs_diff_packed_vs_fake_quant_samples']:.3g}.", ""]
+              f"{e['max_abs_diff_packed_vs_fake_quant_samples']:.3g}"
+              + (f", and run on codes (zero points folded into the biases, padded with the code of 0) by at most "
+                 f"{e['max_abs_diff_code_domain_vs_fake_quant_samples']:.3g}"
+                 if "max_abs_diff_code_domain_vs_fake_quant_samples" in e else "") + ".", ""]
   if report.get("stale"):
     lines += ["Left out, computed from other inputs than this run's (rerun with --mode=all, or the stage's --mode, "
               "to compute them again): " + "; ".join(f"{what} ({', '.join(changed)})"

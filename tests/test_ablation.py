@@ -26,6 +26,8 @@ def test_variants_are_in_the_papers_order_and_differ_by_one_step():
   assert overrides["+ DFA (full MSFP)"] == {}
   assert overrides["+ TALoRA (K=4)"] == {"finetune.dfa_weighting": "none"}
   assert overrides["+ mixup-sign (MSFP + LoRA)"] == {"lora.num_banks": 1, "finetune.dfa_weighting": "none"}
+  assert overrides["full MSFP without shortcut splitting"] == {"quant.split_shortcut": False}
+  assert overrides["mixup-sign FP4 PTQ without shortcut splitting"] == {"quant.split_shortcut": False}
 
 
 def test_summarize_reports_mean_and_sample_std_over_seeds(tmp_path):

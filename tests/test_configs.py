@@ -3,6 +3,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from ml_collections import config_flags  # noqa: F401  (the loader main.py uses)
 from ml_collections.config_flags import config_flags as _cf
@@ -45,7 +46,12 @@ def test_every_benchmark_and_bit_setting_exists_with_its_protocol():
   assert _load(REPO / "configs" / "cifar10_w4a4.py").sampler.skip == "quad"
   assert _load(REPO / "configs" / "lsun_bedroom_w4a4.py").sampler.eta == 1.0
   imagenet = _load(REPO / "configs" / "imagenet_w4a4.py")
-  assert imagenet.sampler.guidance_scale == 3.0 and imagenet.evaluation.samples_per_class == 50
+  assert imagenet.sampler.guidance_scale == 3.0 and imagenet.evaluation.num_samples == 50_000
+  # The protocol's 50 images per class: evaluation labels are balanced for class-conditional models.
+  from msfp_jax import eval as eval_lib
+  labels = eval_lib.balanced_labels(imagenet.evaluation.num_samples, imagenet.model.num_classes, 0)
+  assert set(np.bincount(labels)) == {50}
+  assert "benchmark" not in imagenet.evaluation and "metrics" not in imagenet.evaluation  # read by nothing
 
 
 def test_runlocal_variant_is_small_and_bad_arguments_fail():

@@ -1,7 +1,7 @@
 """FID / sFID / IS evaluation: the FID Inception network, input pipelines, statistics, resumable rounds."""
 from msfp_jax.eval.features import NonFiniteImagesError, make_feature_fn, statistics_of_uint8_batches
 from msfp_jax.eval.inception_weights import FIDInception, InceptionWeightsError, file_sha256, load_inception
-from msfp_jax.eval.loop import EvalProtocolError, evaluate
+from msfp_jax.eval.loop import EvalProtocolError, balanced_labels, evaluate
 from msfp_jax.eval.preprocess import PIPELINES, to_network_input
 from msfp_jax.eval.reference import ReferenceError, load_or_compute_statistics, statistics_from_npz
 from msfp_jax.eval.stats import (FeatureStatistics, FewSamplesWarning, MomentAccumulator, frechet_distance,
@@ -9,7 +9,7 @@ from msfp_jax.eval.stats import (FeatureStatistics, FewSamplesWarning, MomentAcc
 
 __all__ = [
     "EvalProtocolError", "FIDInception", "FeatureStatistics", "FewSamplesWarning", "InceptionWeightsError",
-    "MomentAccumulator", "NonFiniteImagesError", "PIPELINES", "ReferenceError", "evaluate", "file_sha256",
+    "MomentAccumulator", "NonFiniteImagesError", "PIPELINES", "ReferenceError", "balanced_labels", "evaluate", "file_sha256",
     "frechet_distance", "inception_score", "load_inception", "load_or_compute_statistics", "make_feature_fn",
     "statistics_from_npz", "statistics_of_uint8_batches", "to_network_input",
 ]

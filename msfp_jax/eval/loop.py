@@ -1,6 +1,7 @@
 """Resumable, sharded evaluation: sample N images in rounds, score them with FID / sFID / IS.
 
-Each host samples `batch_size` images per round with `sample_fn(rng, batch_size)`, computes their Inception
+Each host samples `batch_size` images per round with `sample_fn(rng, batch_size)` (class-conditional models:
+`sample_fn(rng, batch_size, labels)`, the round's slice of one balanced label list), computes their Inception
 features on its devices (the batch split over the "data" mesh axis) as they come, and adds them to its one
 running-total file `workdir/eval/<name>/accum_<host>.npz`, rewritten atomically (temporary file, fsync,
 os.replace) after every round: the number of finished rounds and the samples kept in each, the count, the
@@ -182,12 +183,27 @@ def _kept_per_round(num_samples: int, batch_size: int, num_hosts: int, host: int
           for index in range(num_rounds)]
 
 
-def evaluate(sample_fn: Callable[[jax.Array, int], Any], num_samples: int, workdir, *, name: str,
+def balanced_labels(num_samples: int, num_classes: int, seed: int) -> np.ndarray:
+  """Class labels for sample 0 .. num_samples - 1: every class num_samples // num_classes times (the first
+  num_samples % num_classes classes once more), in an order shuffled by `seed`. ImageNet's protocol, 50 per
+  class for 50,000 samples."""
+  if num_classes < 1:
+    raise ValueError(f"num_classes must be positive, got {num_classes}.")
+  labels = np.tile(np.arange(num_classes, dtype=np.int32), -(-num_samples // num_classes))[:num_samples]
+  return np.random.default_rng(seed).permutation(labels)
+
+
+def evaluate(sample_fn: Callable[..., Any], num_samples: int, workdir, *, name: str,
              batch_size: int, inception: FIDInception, reference: FeatureStatistics | None, pipeline: str,
-             protocol: dict, mesh=None, grid_size: int = 64, log: Callable[[str], None] = print) -> dict | None:
+             protocol: dict, mesh=None, grid_size: int = 64, log: Callable[[str], None] = print,
+             labels: np.ndarray | None = None) -> dict | None:
   """Samples `num_samples` images in rounds and scores them; resumable (see the module docstring).
 
   sample_fn(rng, batch_size) -> images in [-1, 1], NHWC, 1 or 3 channels (grey is replicated to RGB).
+  labels: for class-conditional models, the label of every sample (num_samples of them, e.g.
+      balanced_labels); round i of host h then calls sample_fn(rng, batch_size, labels of samples
+      (i * hosts + h) * batch_size ...), so the classes are spread over hosts and rounds as listed (a last,
+      partial round wraps around; its extra samples are not kept).
   batch_size: images per host per round (a multiple of the number of local devices; at least 2).
   reference: statistics of the reference set (None: no FID/sFID, only IS and the statistics).
   protocol: must hold model_checkpoint_sha256, sampler, steps, eta, guidance, seed (recorded with the scores;
@@ -225,10 +241,18 @@ def evaluate(sample_fn: Callable[[jax.Array, int], Any], num_samples: int, workd
   if batch_size % num_devices:
     raise ValueError(f"batch_size ({batch_size}) must be a multiple of the number of devices ({num_devices}).")
   base_rng = jax.random.key(int(protocol["seed"]))
+  if labels is not None:
+    labels = np.asarray(labels, np.int32)
+    if labels.shape != (num_samples,):
+      raise ValueError(f"labels must hold one label per sample, shape ({num_samples},); got {labels.shape}.")
 
   def images_for_round(index: int):
     rng = jax.random.fold_in(jax.random.fold_in(base_rng, index), host)
-    images = sample_fn(rng, batch_size)
+    if labels is None:
+      images = sample_fn(rng, batch_size)
+    else:
+      start = (index * num_hosts + host) * batch_size
+      images = sample_fn(rng, batch_size, labels[np.arange(start, start + batch_size) % num_samples])
     check_images(images, what="sample_fn's images")
     if np.shape(images)[0] != batch_size:
       raise ValueError(f"sample_fn returned {np.shape(images)[0]} images, asked for {batch_size}.")

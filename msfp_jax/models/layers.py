@@ -1,7 +1,8 @@
 """Building blocks shared by the pixel-space and latent UNets.
 
 Every linear map is an `nn.Conv` or `nn.Dense` and the two attention products are `MatMul` modules, so a
-quantization interceptor (which only sees module calls) can observe and replace all of them. Nothing here
+quantization interceptor (which only sees module calls) can observe and replace all of them; the UNets'
+skip concatenations are `Concat` modules, so it can also see where a tensor joins two sources. Nothing here
 knows about quantization.
 
 Layouts are NHWC. Module names follow the pytorch_diffusion checkpoint layout (norm1, conv1, temb_proj, ...)
@@ -35,6 +36,18 @@ def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool 
   if dim % 2:
     emb = jnp.pad(emb, ((0, 0), (0, 1)))
   return emb
+
+
+class Concat(nn.Module):
+  """`concatenate([a, b], axis=-1)`: a UNet up-block joining the running features and a skip.
+
+  A module only so that method interceptors see the join (the two sources have very different ranges); it
+  has no parameters, so checkpoints and converters are unaffected.
+  """
+
+  @nn.compact
+  def __call__(self, a: jax.Array, b: jax.Array) -> jax.Array:
+    return jnp.concatenate([a, b], axis=-1)
 
 
 def group_norm(num_groups: int, eps: float, name: str) -> nn.GroupNorm:

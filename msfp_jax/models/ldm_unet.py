@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from msfp_jax.models.attention import MatMul
-from msfp_jax.models.layers import group_norm, timestep_embedding
+from msfp_jax.models.layers import Concat, group_norm, timestep_embedding
 
 # GroupNorm epsilons of openaimodel: `normalization()` (ResBlocks, AttentionBlock, out) uses torch's
 # default 1e-5; the SpatialTransformer's `Normalize()` uses 1e-6.
@@ -422,7 +422,7 @@ class LDMUNet(nn.Module):
     n = 0
     for level, mult in list(enumerate(cfg.channel_mult))[::-1]:
       for i in range(cfg.num_res_blocks + 1):
-        h = jnp.concatenate([h, hs.pop()], axis=-1)
+        h = Concat(name=f"output_blocks_{n}_concat")(h, hs.pop())
         ch = cfg.model_channels * mult
         h = res(ch, f"output_blocks_{n}_0")(h, emb)
         m = 1

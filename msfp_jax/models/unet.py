@@ -16,7 +16,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from msfp_jax.models.layers import AttnBlock, Downsample, ResBlock, Upsample, group_norm, timestep_embedding
+from msfp_jax.models.layers import AttnBlock, Concat, Downsample, ResBlock, Upsample, group_norm, timestep_embedding
 
 
 class InvalidModelConfigError(ValueError):
@@ -215,7 +215,7 @@ class DDPMUNet(nn.Module):
     # Up: num_res_blocks + 1 ResBlocks per level, each fed the running h concatenated with one skip.
     for i in reversed(range(levels)):
       for j in range(c.num_res_blocks + 1):
-        h = jnp.concatenate([h, hs.pop()], axis=-1)
+        h = Concat(name=f"up_{i}_concat_{j}")(h, hs.pop())
         h = ResBlock(c.ch * c.ch_mult[i], name=f"up_{i}_block_{j}", **block)(h, temb, train=train)
         if res in c.attn_resolutions:
           h = AttnBlock(name=f"up_{i}_attn_{j}", **attn)(h)

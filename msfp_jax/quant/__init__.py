@@ -11,7 +11,7 @@ from msfp_jax.quant.config import (CalibrationError, InvalidQuantConfigError, Qu
                                    QuantStateMismatchError, RuleMatchError)
 from msfp_jax.quant.fake_quant import fake_quant
 from msfp_jax.quant.formats import FPFormat, candidates
-from msfp_jax.quant.interceptor import (KernelUpdate, discover_layers, prequantize_weights, quantization_interceptor,
+from msfp_jax.quant.interceptor import (CodeDomainLayer, KernelUpdate, discover_layers, prequantize_weights, quantization_interceptor,
                                         quantize_kernel, quantized_apply)
 from msfp_jax.quant.report import (format_report_table, layer_report, plot_activation_histograms, print_report,
                                    save_report_json, write_report)

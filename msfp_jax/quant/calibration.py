@@ -31,6 +31,7 @@ import jax
 import numpy as np
 
 from msfp_jax.quant.config import CalibrationError, QuantConfig
+from msfp_jax.quant.fake_quant import grid_scale_numpy
 from msfp_jax.quant.formats import FPFormat
 from msfp_jax.quant.interceptor import discover_layers, params_at, recording_interceptor
 from msfp_jax.quant.rules import LayerInfo
@@ -316,6 +317,29 @@ def is_one_sided(minimum: float, maximum: float, alpha: float) -> bool:
   return maximum > 0 and minimum > -alpha * maximum
 
 
+def zero_point_on_grid(zero_point: np.ndarray, maxval: np.ndarray, unit_grid: np.ndarray) -> np.ndarray:
+  """The zero point nearest to `zero_point` that puts real 0 on the grid z + maxval * unit_grid.
+
+  0 is a level exactly when -z is one: z = -maxval * u_k for a unit-grid level u_k (u_0 = 0 gives z = 0).
+  Each candidate keeps its maxval and moves its z to the nearest such value, so the search covers the
+  same spans as with free zero points.
+  """
+  ratio = np.clip(-np.asarray(zero_point, np.float64) / maxval, unit_grid[0], unit_grid[-1])
+  upper = np.clip(np.searchsorted(unit_grid, ratio), 1, len(unit_grid) - 1)
+  nearest = np.where(ratio - unit_grid[upper - 1] <= unit_grid[upper] - ratio, unit_grid[upper - 1],
+                     unit_grid[upper])
+  return -maxval * nearest
+
+
+def _exact_grid_zero_point(zero_point: float, maxval: float, fmt: FPFormat) -> float:
+  """-y_k * s in float32 for fake_quant's scale s and the natural level y_k nearest -z / s: then
+  fake_quant(0) = y_k * s + z is exactly 0 (both products are exact, see fake_quant.grid_scale)."""
+  scale = grid_scale_numpy(np.float32(maxval), fmt)
+  natural = fmt.grid()
+  level = natural[np.argmin(np.abs(natural - (-zero_point / float(scale))))]
+  return float(-(np.float32(level) * scale))
+
+
 def search_activation_quantizer(samples: np.ndarray, minimum: float, maximum: float, bits: int,
                                 sign_mode: str, config: QuantConfig) -> ActivationChoice:
   """Per-tensor activation quantizer minimizing the MSE on `samples` (method.md section 3).
@@ -323,7 +347,9 @@ def search_activation_quantizer(samples: np.ndarray, minimum: float, maximum: fl
   FP: signed candidates (maxval = c * absmax) unless sign_mode is "unsigned" and the input is one-sided;
   for one-sided inputs with sign_mode "search" or "unsigned" also unsigned candidates with zero points z
   spread from the observed minimum to 0 and maxval = c * (max - z). INT: asymmetric uINT<bits> with the same
-  zero-point and maxval grid (z from min(minimum, 0) to 0), whatever the sign mode.
+  zero-point and maxval grid (z from min(minimum, 0) to 0), whatever the sign mode. With
+  config.zero_point_on_grid each z moves to the nearest value that makes real 0 a grid level
+  (zero_point_on_grid).
   """
   x = np.sort(np.asarray(samples, np.float64).reshape(-1))
   if x.size == 0:
@@ -351,6 +377,8 @@ def search_activation_quantizer(samples: np.ndarray, minimum: float, maximum: fl
       c = np.tile(factors, len(zero_points))
       top = max(maximum / scale, 0.0)
       maxvals = c * np.maximum(top - z, np.finfo(np.float32).tiny)
+      if config.zero_point_on_grid:
+        z = zero_point_on_grid(z, maxvals, unit)
       levels = z[:, None] + maxvals[:, None] * unit[None, :]
     else:
       z = np.zeros(len(factors))
@@ -361,6 +389,8 @@ def search_activation_quantizer(samples: np.ndarray, minimum: float, maximum: fl
     if best is None or sse[q] < best[0]:
       best = (sse[q], fmt, maxvals[q] * scale, z[q] * scale if shifted else None)
   sse, fmt, maxval, zero_point = best
+  if zero_point is not None and config.zero_point_on_grid:
+    zero_point = _exact_grid_zero_point(zero_point * 1.0, maxval, fmt)
   return ActivationChoice(format=fmt, maxval=float(maxval), zero_point=None if zero_point is None else
                           float(zero_point), mse=float(sse * scale ** 2 / x.size), one_sided=one_sided)
 
@@ -391,6 +421,12 @@ def search_quant_state(statistics: CalibrationStatistics, variables, config: Qua
       kwargs.update(rhs_act_format=rhs.format, rhs_act_maxval=np.float32(rhs.maxval),
                     rhs_act_zero_point=None if rhs.zero_point is None else np.float32(rhs.zero_point),
                     rhs_act_mse=rhs.mse)
+    if info.act_split is not None:
+      skip = acts[1]
+      kwargs.update(act_split=info.act_split, skip_act_format=skip.format, skip_act_maxval=np.float32(skip.maxval),
+                    skip_act_zero_point=None if skip.zero_point is None else np.float32(skip.zero_point),
+                    skip_act_mse=skip.mse, skip_one_sided=skip.one_sided,
+                    skip_act_range=(float(operands[1].min), float(operands[1].max)))
     act = acts[0]
     layers[path] = LayerQuantState(
         module_type=info.module_type, act_format=act.format, act_maxval=np.float32(act.maxval),

@@ -59,6 +59,14 @@ class QuantConfig:
   sign_mode: str = "search"
   # Layer selection and per-layer options, first match wins (see rules.QuantRule).
   rules: tuple["QuantRule", ...] = ()
+  # Shortcut splitting (Q-Diffusion): a layer whose input is a concatenation the model marks (a `Concat`
+  # module: the UNet up-blocks' [h, skip]) quantizes each part with its own activation quantizer (own format
+  # search and sign mode); its weights are quantized as usual. False: one quantizer over the whole input.
+  split_shortcut: bool = True
+  # Unsigned (and INT) activation zero points are searched among values that put real 0 on the grid (z = -a
+  # grid level), so that 0, a conv's zero padding included, quantizes to exactly 0 and a kernel working on
+  # codes can pad with the code of 0. False: z anywhere in [min, 0] (real 0 then becomes z + Q(-z)).
+  zero_point_on_grid: bool = True
   # Our choice: an input is one-sided ("anomalous", e.g. SiLU-fed) when max > 0 and min > -alpha * max.
   one_sided_alpha: float = 0.5
   # Our choice: maxval candidates are c * absmax for `maxval_grid_size` values of c spread linearly over
@@ -89,6 +97,9 @@ class QuantConfig:
       problems.append(f"kind must be one of {KINDS}, got {self.kind!r}")
     if self.sign_mode not in SIGN_MODES:
       problems.append(f"sign_mode must be one of {SIGN_MODES}, got {self.sign_mode!r}")
+    for name in ("split_shortcut", "zero_point_on_grid"):
+      if not isinstance(getattr(self, name), bool):
+        problems.append(f"{name} must be True or False, got {getattr(self, name)!r}")
     if not self.one_sided_alpha > 0:
       problems.append(f"one_sided_alpha must be > 0, got {self.one_sided_alpha!r}")
     if not 0 < self.maxval_grid_min <= self.maxval_grid_max:

@@ -15,12 +15,13 @@ import contextlib
 from typing import Any, Callable, Iterator, Mapping
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from msfp_jax.quant.config import QuantConfig, QuantStateMismatchError
 from msfp_jax.quant.fake_quant import fake_quant
-from msfp_jax.quant.rules import DEFAULT_MODULE_TYPES, LayerInfo, ModuleRecord, resolve_layers
+from msfp_jax.quant.rules import CONCAT_TYPE, DEFAULT_MODULE_TYPES, LayerInfo, ModuleRecord, resolve_layers
 from msfp_jax.quant.state import LayerQuantState, QuantState
 
 # kernel_update(path, kernel) -> kernel: called with a layer's float kernel before weight quantization,
@@ -51,20 +52,33 @@ def _is_call(context) -> bool:
 
 # ----------------------------------------------------------------------------- discovery
 def trace_modules(model: nn.Module, variables, *args, **kwargs) -> dict[str, ModuleRecord]:
-  """Every module `__call__` of `model.apply(variables, *args)`, traced abstractly (jax.eval_shape)."""
+  """Every module `__call__` of `model.apply(variables, *args)`, traced abstractly (jax.eval_shape).
+
+  A module whose first input is the very array a `Concat` module returned records the width of the
+  concatenation's first part (`input_split`): that is how shortcut splitting finds the layers it applies to.
+  Identity, not shape, links them, so an operation in between (a cast, a norm) breaks the link.
+  """
   records: dict[str, ModuleRecord] = {}
+  concat_outputs: dict[int, tuple[Any, int]] = {}  # id(output) -> (output, first part's channels)
 
   def intercept(next_fun, call_args, call_kwargs, context):
-    if _is_call(context):
-      module = context.module
-      path = module_path(module)
-      if path not in records:
-        kernel = _module_kernel(module)
-        num_inputs = sum(1 for a in call_args if hasattr(a, "shape"))
-        records[path] = ModuleRecord(path=path, type_names=module_type_names(module),
-                                     kernel_shape=None if kernel is None else tuple(kernel.shape),
-                                     num_inputs=num_inputs)
-    return next_fun(*call_args, **call_kwargs)
+    if not _is_call(context):
+      return next_fun(*call_args, **call_kwargs)
+    module = context.module
+    path = module_path(module)
+    type_names = module_type_names(module)
+    if path not in records:
+      kernel = _module_kernel(module)
+      num_inputs = sum(1 for a in call_args if hasattr(a, "shape"))
+      joined = concat_outputs.get(id(call_args[0])) if call_args else None
+      records[path] = ModuleRecord(path=path, type_names=type_names,
+                                   kernel_shape=None if kernel is None else tuple(kernel.shape),
+                                   num_inputs=num_inputs,
+                                   input_split=joined[1] if joined and joined[0] is call_args[0] else None)
+    out = next_fun(*call_args, **call_kwargs)
+    if CONCAT_TYPE in type_names:
+      concat_outputs[id(out)] = (out, int(call_args[0].shape[-1]))  # keeps `out` alive, so the id stays its
+    return out
 
   def run(variables, *args):
     with nn.intercept_methods(intercept):
@@ -107,6 +121,24 @@ def _activation_summary(x: jax.Array, uniforms: jax.Array, samples_per_batch: in
   }
 
 
+def _activation_operands(args, is_matmul: bool, act_split: int | None) -> tuple[jax.Array, ...]:
+  """What gets its own activation quantizer: both MatMul operands, the two parts of a split input, or the
+  input."""
+  if is_matmul:
+    return tuple(args[:2])
+  if act_split is not None:
+    _check_split(args[0], act_split)
+    return args[0][..., :act_split], args[0][..., act_split:]
+  return (args[0],)
+
+
+def _check_split(x, act_split: int) -> None:
+  if not 0 < act_split < x.shape[-1]:
+    raise QuantStateMismatchError(
+        f"a split input quantizer expects more than {act_split} channels (its first part) but the input has "
+        f"shape {tuple(x.shape)}; was the state calibrated for this model?")
+
+
 # Shifts the shared uniforms between layer inputs (the golden ratio's fractional part: successive shifts are
 # spread evenly over [0, 1)), so different layers do not sample the same relative positions.
 _GOLDEN = 0.6180339887498949
@@ -130,7 +162,7 @@ def recording_interceptor(layers: Mapping[str, LayerInfo], uniforms: jax.Array, 
       info = layers.get(path)
       if info is not None and info.quantized:
         summaries = []
-        for x in (args[:2] if info.is_matmul else args[:1]):
+        for x in _activation_operands(args, info.is_matmul, info.act_split):
           shift = (operand_count[0] * _GOLDEN) % 1.0
           operand_count[0] += 1
           summaries.append(_activation_summary(x, jnp.mod(uniforms + shift, 1.0), samples_per_batch))
@@ -165,9 +197,64 @@ def _quantize_activation(x, fmt, maxval, zero_point):
   return fake_quant(x, fmt, maxval, _zero_point_or_zero(zero_point))
 
 
+def input_zero_points(layer: LayerQuantState, channels: int) -> jax.Array:
+  """The zero point of each input channel of a Conv/Dense layer ([channels]; 0 where signed)."""
+  z = jnp.full((channels,), _zero_point_or_zero(layer.act_zero_point), jnp.float32)
+  if layer.act_split is not None:
+    z = z.at[layer.act_split:].set(_zero_point_or_zero(layer.skip_act_zero_point))
+  return z
+
+
+@flax.struct.dataclass
+class CodeDomainLayer:
+  """How an integer kernel runs a layer whose input has a zero point z (msfp_jax.quant.packed writes these).
+
+  It computes on q = x_hat - z (a code times the scale, no offset), pads with the q value of the code
+  nearest to real 0, and adds W z through the bias: W x_hat + b = W q + (b + W z). When 0 is on the grid
+  (QuantConfig.zero_point_on_grid) the pad value is exactly -z and this equals the fake-quantized layer.
+  """
+
+  folded_bias: jax.Array  # [out channels]: b + sum over the kernel's taps and inputs of W_q * z
+  pad_value: jax.Array  # [in channels]: the q value a kernel pads with
+
+
+def _explicit_padding(module: nn.Module, x: jax.Array) -> list[tuple[int, int]]:
+  """The Conv's padding as (low, high) per spatial axis, as flax.linen.Conv would apply it."""
+  spatial = x.shape[1:-1]
+  kernel = tuple(module.kernel_size)
+  strides = module.strides or 1
+  strides = (strides,) * len(kernel) if isinstance(strides, int) else tuple(strides)
+  dilation = module.kernel_dilation or 1
+  dilation = (dilation,) * len(kernel) if isinstance(dilation, int) else tuple(dilation)
+  padding = module.padding
+  if isinstance(padding, str):
+    if padding == "VALID":
+      return [(0, 0)] * len(kernel)
+    if padding == "SAME":
+      window = tuple((k - 1) * d + 1 for k, d in zip(kernel, dilation))
+      return list(jax.lax.padtype_to_pads(spatial, window, strides, "SAME"))
+    raise QuantStateMismatchError(f"code-domain execution supports VALID, SAME and explicit Conv padding, not "
+                                  f"{padding!r} (layer {module_path(module)!r})")
+  return [tuple(p) for p in nn.linear.canonicalize_padding(padding, len(kernel))]
+
+
+def _code_domain_call(module: nn.Module, x_hat: jax.Array, kernel: jax.Array, layer: LayerQuantState,
+                      code: CodeDomainLayer):
+  q = x_hat - input_zero_points(layer, x_hat.shape[-1])
+  overrides = {"use_bias": False}
+  if "Conv" in module_type_names(module):
+    pads = [(0, 0), *_explicit_padding(module, q), (0, 0)]
+    border = jnp.pad(jnp.zeros(q.shape[:-1] + (1,), q.dtype), pads, constant_values=1.0)
+    q = jnp.pad(q, pads) + border * code.pad_value
+    overrides["padding"] = "VALID"
+  clone = module.clone(parent=None, name=None, **overrides)
+  return clone.apply({"params": {"kernel": kernel}}, q) + code.folded_bias
+
+
 @contextlib.contextmanager
 def quantization_interceptor(qstate: QuantState, *, kernel_update: KernelUpdate | None = None,
-                             weights_prequantized: bool = False, strict: bool = True) -> Iterator[None]:
+                             weights_prequantized: bool = False, strict: bool = True,
+                             code_domain: Mapping[str, CodeDomainLayer] | None = None) -> Iterator[None]:
   """Context manager: fake-quantizes the inputs and kernels of the layers in `qstate`.
 
   Args:
@@ -180,12 +267,18 @@ def quantization_interceptor(qstate: QuantState, *, kernel_update: KernelUpdate 
     strict: raise QuantStateMismatchError for a Conv/Dense call whose path the state neither quantizes nor
       lists as kept in FP (a state calibrated for another model). Pass False when other Flax models (e.g. a
       timestep router) are applied inside the context; their layers then pass through unquantized.
+    code_domain: {path: CodeDomainLayer} for layers to run as an integer kernel would (on codes, padded
+      with the code of 0, zero point folded into the bias); needs weights_prequantized (the packed model's
+      decoded kernels). msfp_jax.quant.packed.code_domain_apply passes it.
 
   Enter it inside the traced function; see the module docstring.
   """
   if weights_prequantized and kernel_update is not None:
     raise ValueError("kernel_update cannot be applied to prequantized weights: pass it to "
                      "prequantize_weights(variables, qstate, kernel_update=...) instead")
+  if code_domain and not weights_prequantized:
+    raise ValueError("code_domain runs the packed model's decoded kernels: pass weights_prequantized=True")
+  code_domain = code_domain or {}
   known_fp = frozenset(qstate.unquantized)
   # Recursion guard: the parameter-free clone called below is itself a Conv/Dense whose __call__ reaches
   # this interceptor again (with path ''); while it runs, everything passes through.
@@ -207,10 +300,24 @@ def quantization_interceptor(qstate: QuantState, *, kernel_update: KernelUpdate 
       return next_fun(*args, **kwargs)
     if module.is_initializing():
       return next_fun(*args, **kwargs)  # model.init under the interceptor: nothing to quantize yet
-    x = _quantize_activation(args[0], layer.act_format, layer.act_maxval, layer.act_zero_point)
+    if layer.act_split is not None:
+      _check_split(args[0], layer.act_split)
+      x = jnp.concatenate(
+          [_quantize_activation(args[0][..., :layer.act_split], layer.act_format, layer.act_maxval,
+                                layer.act_zero_point),
+           _quantize_activation(args[0][..., layer.act_split:], layer.skip_act_format, layer.skip_act_maxval,
+                                layer.skip_act_zero_point)], axis=-1)
+    else:
+      x = _quantize_activation(args[0], layer.act_format, layer.act_maxval, layer.act_zero_point)
     if layer.is_matmul:
       b = _quantize_activation(args[1], layer.rhs_act_format, layer.rhs_act_maxval, layer.rhs_act_zero_point)
       return next_fun(x, b, *args[2:], **kwargs)
+    if path in code_domain:
+      inside_clone[0] = True  # the call applies a clone of the layer (see below)
+      try:
+        return _code_domain_call(module, x, module.variables["params"]["kernel"], layer, code_domain[path])
+      finally:
+        inside_clone[0] = False
     if weights_prequantized:
       return next_fun(x, *args[1:], **kwargs)
     params = dict(module.variables["params"])

@@ -17,6 +17,11 @@ takes the built-in model's one-bank file from 0.158x to 0.136x of the FP checkpo
   "other/<path>"    parameters that are not floats (if any), as they are
   "extra/<name>"    arrays the caller adds (e.g. the router's bank per timestep)
 
+For every quantized Conv/Dense whose input has a zero point z (unsigned activations), the float32 blob also
+holds what an integer kernel needs to compute on codes: per bank the folded bias b + sum W_q z (W x_hat + b =
+W q + (b + W z) with q = x_hat - z), and the q value of the code it pads with (the level nearest real 0;
+exactly -z when the zero point is on the grid). `code_domain_apply` runs a model that way.
+
 `decode(encode(x))` equals `fake_quant(x)` bit for bit, so the kernels `load_packed` decodes are exactly
 the fake-quantized kernels and a model run from the packed file computes what the fake-quantized one does.
 """
@@ -32,9 +37,12 @@ import jax
 import numpy as np
 
 from msfp_jax.quant import export
-from msfp_jax.quant.state import QuantState
+from msfp_jax.quant.fake_quant import grid_scale_numpy
+from msfp_jax.quant.interceptor import CodeDomainLayer, quantization_interceptor
+from msfp_jax.quant.state import LayerQuantState, QuantState
 
-PACKED_FORMAT_VERSION = 2
+PACKED_FORMAT_VERSION = 3
+_READABLE_VERSIONS = (2, 3)  # 2: written before the code-domain entries existed
 
 
 class PackedModelError(ValueError):
@@ -71,11 +79,85 @@ def _concat(pieces: Sequence[np.ndarray], dtype) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class PackedModel:
-  """What `load_packed` returns: one decoded variables tree per bank, the quantization state, extras."""
+  """What `load_packed` returns: one decoded variables tree per bank, the quantization state, extras, and
+  per bank the code-domain form of the layers whose inputs have zero points (empty for version-2 files)."""
   variables_per_bank: list[dict]
   qstate: QuantState
   extra: dict[str, np.ndarray]
   metadata: dict
+  code_domain_per_bank: list[dict[str, CodeDomainLayer]] = dataclasses.field(default_factory=list)
+
+
+def _has_zero_point(layer: LayerQuantState) -> bool:
+  return layer.weight_format is not None and (layer.act_zero_point is not None
+                                              or layer.skip_act_zero_point is not None)
+
+
+def _parts(layer: LayerQuantState) -> list[tuple[slice, str]]:
+  """The input channels of each activation quantizer of a Conv/Dense layer, with its field prefix."""
+  if layer.act_split is None:
+    return [(slice(None), "act")]
+  return [(slice(0, layer.act_split), "act"), (slice(layer.act_split, None), "skip_act")]
+
+
+def _pad_values(layer: LayerQuantState) -> np.ndarray:
+  """Per activation quantizer: the q value (x_hat - z) of the level nearest real 0, what a kernel pads with."""
+  pads = []
+  for _, field in _parts(layer):
+    zero_point = getattr(layer, f"{field}_zero_point")
+    if zero_point is None:
+      pads.append(0.0)  # signed: q = x_hat, and real 0 is a code
+      continue
+    fmt, maxval = getattr(layer, f"{field}_format"), np.float32(getattr(layer, f"{field}_maxval"))
+    scale = grid_scale_numpy(maxval, fmt)
+    natural = fmt.grid()
+    level = natural[np.argmin(np.abs(natural - (-float(zero_point) / float(scale))))]
+    pads.append(np.float32(level) * scale)
+  return np.asarray(pads, np.float32)
+
+
+def _per_channel(layer: LayerQuantState, per_part: np.ndarray, channels: int) -> np.ndarray:
+  out = np.zeros(channels, np.float32)
+  for (channels_of_part, _), value in zip(_parts(layer), per_part):
+    out[channels_of_part] = value
+  return out
+
+
+def _input_zero_points(layer: LayerQuantState, channels: int) -> np.ndarray:
+  zero_points = [0.0 if getattr(layer, f"{field}_zero_point") is None else float(getattr(layer, f"{field}_zero_point"))
+                 for _, field in _parts(layer)]
+  return _per_channel(layer, np.asarray(zero_points, np.float32), channels)
+
+
+def folded_bias(kernel_q: np.ndarray, bias: np.ndarray | None, input_zero_points: np.ndarray) -> np.ndarray:
+  """b + sum over the kernel's taps and inputs of W_q[..., i, o] * z_i (kernel [..., in, out], Flax layout).
+
+  A grouped conv's kernel has in/groups input rows; its zero points must then be one value (not split).
+  """
+  kernel_q = np.asarray(kernel_q, np.float64)
+  fan_in = kernel_q.shape[-2]
+  z = np.asarray(input_zero_points, np.float64)
+  if fan_in != z.size:
+    if np.ptp(z) > 0:
+      raise PackedModelError(f"a kernel with {fan_in} input rows cannot fold {z.size} different per-channel "
+                             "zero points (a grouped conv with a split input)")
+    z = np.full(fan_in, z[0])
+  fold = (kernel_q * z[:, None]).reshape(-1, kernel_q.shape[-1]).sum(axis=0)
+  return (fold + (0.0 if bias is None else np.asarray(bias, np.float64))).astype(np.float32)
+
+
+def code_domain_apply(model, packed: "PackedModel", *args, bank: int = 0, **kwargs):
+  """`model.apply` of the packed model's bank as an integer kernel computes it: each layer with an input
+  zero point runs on codes (q = x_hat - z), pads with the code of real 0 and adds the folded bias.
+
+  Equals the fake-quantized model (up to float summation order) exactly when every zero point is on the
+  grid; the difference otherwise is what zero padding costs a kernel whose grid has no 0. Traceable.
+  """
+  if not packed.code_domain_per_bank:
+    raise PackedModelError("this packed file has no code-domain entries (format version 2); re-export it")
+  with quantization_interceptor(packed.qstate, weights_prequantized=True,
+                                code_domain=packed.code_domain_per_bank[bank]):
+    return model.apply(packed.variables_per_bank[bank], *args, **kwargs)
 
 
 def export_packed(path: str | os.PathLike, variables_per_bank: Sequence[Mapping[str, Any]], qstate: QuantState, *,
@@ -137,6 +219,20 @@ def export_packed(path: str | os.PathLike, variables_per_bank: Sequence[Mapping[
   for layer_key, leaves in state_dict["arrays"].items():
     for field, value in leaves.items():
       add_float("quant", f"{layer_key}/{field}", value)
+  float_index["code_domain"] = []
+  for layer_path, layer in quantized.items():
+    if not _has_zero_point(layer):
+      continue
+    kernel_key = _kernel_path(layer_path)
+    z = _input_zero_points(layer, flats[0][kernel_key].shape[-2])
+    add_float("code_domain", f"{layer_path}/pad_value", _pad_values(layer))  # one per quantizer: 1 or 2 floats
+    bias = flats[0].get(kernel_key[:-1] + ("bias",))
+    zero_point = 0.0 if layer.weight_zero_point is None else np.asarray(layer.weight_zero_point)
+    for k, flat in enumerate(flats):
+      kernel_q = export.decode(export.encode(flat[kernel_key], layer.weight_format, np.asarray(layer.weight_maxval),
+                                             zero_point), layer.weight_format, np.asarray(layer.weight_maxval),
+                               zero_point)
+      add_float("code_domain", f"{layer_path}/folded_bias/bank{k}", folded_bias(kernel_q, bias, z))
   arrays["float32"] = _concat(floats, np.float32)
   for name, value in (extra_arrays or {}).items():
     arrays[f"extra/{name}"] = np.asarray(value)
@@ -168,7 +264,7 @@ def load_packed(path: str | os.PathLike) -> PackedModel:
   if "metadata.json" not in arrays:
     raise PackedModelError(f"{path} has no metadata.json entry: not a packed msfp_jax model.")
   document = json.loads(arrays.pop("metadata.json").tobytes().decode())
-  if document.get("version") != PACKED_FORMAT_VERSION:
+  if document.get("version") not in _READABLE_VERSIONS:
     raise PackedModelError(f"{path}: packed format version {document.get('version')} is not supported "
                            f"(this msfp_jax reads version {PACKED_FORMAT_VERSION}).")
   missing = [name for name in ("float32", *(f"codes/bank{k}" for k in range(document["num_banks"])),
@@ -178,12 +274,19 @@ def load_packed(path: str | os.PathLike) -> PackedModel:
                            "export_packed.")
   blob = arrays["float32"]
   quant_arrays: dict[str, dict[str, np.ndarray]] = {}
+  code_domain: dict[str, dict[str, np.ndarray]] = {}
   float_flat = {tuple(name.split("/")): arrays["other/" + name] for name in document["other"]}
   for kind, entries in document["float32"].items():
     for name, offset, shape in entries:
       value = blob[offset:offset + int(np.prod(shape))].reshape(shape)
       if kind == "params":
         float_flat[tuple(name.split("/"))] = value
+      elif kind == "code_domain":  # "<path>/pad_value" or "<path>/folded_bias/bank<k>"
+        if name.endswith("/pad_value"):
+          layer_path, key = name[:-len("/pad_value")], "pad_value"
+        else:
+          layer_path, _, key = name.rpartition("/folded_bias/")
+        code_domain.setdefault(layer_path, {})[key] = value
       else:
         layer_key, _, field = name.partition("/")
         quant_arrays.setdefault(layer_key, {})[field] = value
@@ -201,5 +304,11 @@ def load_packed(path: str | os.PathLike) -> PackedModel:
       flat[_kernel_path(layer_path)] = export.decode(codes, layer.weight_format, np.asarray(layer.weight_maxval),
                                                      zero_point)
     variables_per_bank.append(_unflatten(flat))
+  code_domain_per_bank = [
+      {path: CodeDomainLayer(folded_bias=entry[f"bank{k}"],
+                             pad_value=_per_channel(qstate.layers[path], entry["pad_value"],
+                                                    document["layers"][path]["shape"][-2]))
+       for path, entry in code_domain.items()} for k in range(document["num_banks"])
+  ] if document["version"] >= 3 else []
   return PackedModel(variables_per_bank=variables_per_bank, qstate=qstate, extra=extra,
-                     metadata=document["metadata"])
+                     metadata=document["metadata"], code_domain_per_bank=code_domain_per_bank)

@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
+from msfp_jax import plotting
 from msfp_jax.quant.state import QuantState
 
 _COLUMNS = (("path", "path"), ("type", "module_type"), ("weight", "weight_format"), ("w_mse", "weight_mse"),
@@ -21,7 +22,9 @@ def layer_report(qstate: QuantState) -> list[dict]:
 
   Keys: path, module_type, weight_format, weight_maxval_min/max/mean (over output channels), weight_mse,
   act_format, act_sign ("signed" / "unsigned"), act_maxval, act_zero_point (None when signed), act_min/max
-  (observed), one_sided, act_mse, and for MatMul layers the same rhs_act_* keys for the second operand.
+  (observed), one_sided, act_mse, and for MatMul layers the same rhs_act_* keys for the second operand. A
+  split input (shortcut splitting) has act_split (the first part's channel count) and the same skip_act_*
+  keys (with skip_act_min/max, skip_one_sided) for the skip part; act_* then describe the first part.
   """
   rows = []
   for path, layer in qstate.layers.items():
@@ -32,7 +35,7 @@ def layer_report(qstate: QuantState) -> list[dict]:
       maxval = np.asarray(layer.weight_maxval, np.float64)
       row.update(weight_maxval_min=float(maxval.min()), weight_maxval_max=float(maxval.max()),
                  weight_maxval_mean=float(maxval.mean()))
-    for prefix in ("act", "rhs_act"):
+    for prefix in ("act", "rhs_act", "skip_act"):
       fmt = getattr(layer, f"{prefix}_format")
       if fmt is None:
         continue
@@ -42,6 +45,9 @@ def layer_report(qstate: QuantState) -> list[dict]:
                   f"{prefix}_zero_point": None if zero_point is None else float(np.asarray(zero_point)),
                   f"{prefix}_mse": getattr(layer, f"{prefix}_mse")})
     row.update(act_min=layer.act_range[0], act_max=layer.act_range[1], one_sided=layer.one_sided)
+    if layer.act_split is not None:
+      row.update(act_split=layer.act_split, skip_act_min=layer.skip_act_range[0],
+                 skip_act_max=layer.skip_act_range[1], skip_one_sided=layer.skip_one_sided)
     rows.append(row)
   return rows
 
@@ -57,13 +63,24 @@ def _cell(value) -> str:
 def format_report_table(rows: Sequence[dict]) -> str:
   """A fixed-width text table of layer_report rows."""
   header = [title for title, _ in _COLUMNS]
-  body = [[_cell(row.get(key)) for _, key in _COLUMNS] for row in rows]
+  body = []
+  for row in rows:
+    if row.get("act_split") is None:
+      body.append([_cell(row.get(key)) for _, key in _COLUMNS])
+      continue
+    # A split input: one line per part, the layer's columns on the first.
+    first = dict(row, path=f"{row['path']} [:{row['act_split']}]")
+    skip = {key: row.get("skip_" + key) for _, key in _COLUMNS if key.startswith("act_")}
+    skip["path"] = f"{row['path']} [{row['act_split']}:] skip"
+    body += [[_cell(first.get(key)) for _, key in _COLUMNS], [_cell(skip.get(key)) for _, key in _COLUMNS]]
   widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
   lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)),
            "  ".join("-" * w for w in widths)]
   lines += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)) for cells in body]
   unsigned = sum(1 for row in rows if row.get("act_sign") == "unsigned")
-  lines.append(f"{len(rows)} quantized layers, {unsigned} with unsigned activation formats")
+  split = sum(1 for row in rows if row.get("act_split") is not None)
+  lines.append(f"{len(rows)} quantized layers, {unsigned} with unsigned activation formats"
+               + (f", {split} with split inputs (one quantizer per concatenated part)" if split else ""))
   return "\n".join(lines)
 
 
@@ -107,9 +124,7 @@ def plot_activation_histograms(qstate: QuantState, statistics, path: str | os.Pa
   Returns:
     The PNG path.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top  (plotting is optional at import time)
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt = plotting.pyplot()
 
   layers = list(layers) if layers is not None else default_histogram_layers(qstate, max_layers)
   unknown = [p for p in layers if p not in qstate.layers or p not in statistics.activations]
@@ -135,12 +150,7 @@ def plot_activation_histograms(qstate: QuantState, statistics, path: str | os.Pa
   for ax in axes.ravel()[len(layers):]:
     ax.axis("off")
   fig.suptitle("layer inputs at calibration (grey) and the chosen quantization grid (red)", fontsize=9)
-  fig.tight_layout()
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return str(path)
+  return plotting.save_figure(fig, path)
 
 
 def write_report(directory: str | os.PathLike, qstate: QuantState, statistics=None) -> dict[str, str]:

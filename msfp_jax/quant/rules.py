@@ -19,6 +19,9 @@ from msfp_jax.quant.config import InvalidQuantConfigError, QuantConfig, RuleMatc
 DEFAULT_MODULE_TYPES = ("Conv", "Dense")
 # The attention matmul module (msfp_jax.models.attention.MatMul): two activation operands, no kernel.
 MATMUL_TYPE = "MatMul"
+# The marked concatenation (msfp_jax.models.layers.Concat, the UNets' [h, skip]): never quantized itself; a
+# layer whose input is its output gets one activation quantizer per part (QuantConfig.split_shortcut).
+CONCAT_TYPE = "Concat"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,6 +41,9 @@ class QuantRule:
   keep_fp: bool = False
   # Overrides QuantConfig.sign_mode for the matched layers' activations; None: the config's mode.
   sign_mode: str | None = None
+  # Overrides QuantConfig.split_shortcut for the matched layers (those whose input is a marked concatenation);
+  # None: the config's choice.
+  split_shortcut: bool | None = None
 
   def __post_init__(self):
     if isinstance(self.module_types, str):
@@ -56,6 +62,8 @@ class QuantRule:
         problems.append(f"{name} must be None or an integer in 2..16, got {value!r}")
     if self.sign_mode is not None and self.sign_mode not in SIGN_MODES:
       problems.append(f"sign_mode must be None or one of {SIGN_MODES}, got {self.sign_mode!r}")
+    if self.split_shortcut is not None and not isinstance(self.split_shortcut, bool):
+      problems.append(f"split_shortcut must be None, True or False, got {self.split_shortcut!r}")
     if problems:
       raise InvalidQuantConfigError(f"Invalid QuantRule(path={self.path!r}): " + "; ".join(problems) + ".")
 
@@ -83,6 +91,9 @@ class ModuleRecord:
   type_names: tuple[str, ...]  # class names of the module type's MRO, most derived first
   kernel_shape: tuple[int, ...] | None  # shape of params['kernel'], None when the module has none
   num_inputs: int  # positional array arguments of __call__
+  # Channels of the first part when the first input is the output of a marked Concat (the rest is the second
+  # part), else None.
+  input_split: int | None = None
 
   @property
   def module_type(self) -> str:
@@ -100,6 +111,9 @@ class LayerInfo:
   act_bits: int | None  # None when not quantized
   sign_mode: str | None = None  # the activation sign mode in effect; None when not quantized
   is_matmul: bool = False  # True for the attention MatMul: two activation operands, no kernel
+  # Shortcut splitting: the input's channels [:act_split] and [act_split:] (the two concatenated sources) get
+  # one activation quantizer each; None: one quantizer for the whole input.
+  act_split: int | None = None
 
 
 def _candidate_types(config: QuantConfig) -> set[str]:
@@ -147,9 +161,11 @@ def resolve_layers(records: Mapping[str, ModuleRecord], config: QuantConfig) -> 
     weight_bits = (rule.weight_bits if rule and rule.weight_bits is not None else config.weight_bits)
     act_bits = rule.act_bits if rule and rule.act_bits is not None else config.act_bits
     sign_mode = rule.sign_mode if rule and rule.sign_mode is not None else config.sign_mode
+    split = rule.split_shortcut if rule and rule.split_shortcut is not None else config.split_shortcut
     layers[path] = LayerInfo(module_type=rec.module_type, kernel_shape=rec.kernel_shape, quantized=True,
                              weight_bits=None if is_matmul else weight_bits, act_bits=act_bits,
-                             sign_mode=sign_mode, is_matmul=is_matmul)
+                             sign_mode=sign_mode, is_matmul=is_matmul,
+                             act_split=rec.input_split if split and not is_matmul else None)
   unused = [rule for rule, u in zip(config.rules, used) if not u]
   if unused:
     described = "; ".join(f"QuantRule(path={r.path!r}, module_types={r.module_types!r})" for r in unused)

@@ -24,6 +24,8 @@ from msfp_jax.quant.config import QuantStateMismatchError
 from msfp_jax.quant.formats import FPFormat
 
 _STATE_FORMAT_VERSION = 1
+# The quantizers a layer can have, as field-name prefixes of LayerQuantState.
+_QUANTIZERS = ("act", "weight", "rhs_act", "skip_act")
 
 
 def _static(default=dataclasses.MISSING):
@@ -37,7 +39,9 @@ class LayerQuantState:
   """Quantizers of one layer: its weight (per output channel) and its input activation (per tensor).
 
   For the attention MatMul (no kernel) the weight fields are None and `rhs_act_*` quantize the second
-  operand. `*_mse` are the quantization MSEs measured by the calibration search (not updated by training).
+  operand. With shortcut splitting (`act_split` set) `act_*` quantize the input's channels [:act_split] (the
+  running features) and `skip_act_*` the channels [act_split:] (the skip). `*_mse` are the quantization MSEs
+  measured by the calibration search (not updated by training).
   """
 
   module_type: str = _static()
@@ -50,6 +54,13 @@ class LayerQuantState:
   rhs_act_format: FPFormat | None = _static(None)
   rhs_act_maxval: jax.Array | None = None
   rhs_act_zero_point: jax.Array | None = None
+  act_split: int | None = _static(None)
+  skip_act_format: FPFormat | None = _static(None)
+  skip_act_maxval: jax.Array | None = None
+  skip_act_zero_point: jax.Array | None = None
+  skip_one_sided: bool = _static(False)
+  skip_act_range: tuple[float, float] = _static((0.0, 0.0))
+  skip_act_mse: float | None = _static(None)
   one_sided: bool = _static(False)  # the input was detected one-sided (an "AAL", method.md section 3)
   act_range: tuple[float, float] = _static((0.0, 0.0))  # observed (min, max) of the input at calibration
   act_mse: float | None = _static(None)
@@ -85,8 +96,11 @@ class QuantState:
       key = f"layer_{i:04d}"
       meta = {"key": key, "path": path, "module_type": layer.module_type, "one_sided": layer.one_sided,
               "act_range": list(layer.act_range)}
+      if layer.act_split is not None:
+        meta.update(act_split=layer.act_split, skip_one_sided=layer.skip_one_sided,
+                    skip_act_range=list(layer.skip_act_range))
       leaves = {}
-      for field in ("act", "weight", "rhs_act"):
+      for field in _QUANTIZERS:
         fmt = getattr(layer, f"{field}_format")
         meta[f"{field}_format"] = None if fmt is None else fmt.name
         meta[f"{field}_mse"] = getattr(layer, f"{field}_mse")
@@ -114,10 +128,13 @@ class QuantState:
       if leaves is None:
         raise QuantStateMismatchError(f"quantization state arrays lack {meta['key']} (layer {meta['path']!r})")
       kwargs = {}
-      for field in ("act", "weight", "rhs_act"):
-        name = meta[f"{field}_format"]
+      if meta.get("act_split") is not None:
+        kwargs.update(act_split=int(meta["act_split"]), skip_one_sided=bool(meta["skip_one_sided"]),
+                      skip_act_range=tuple(float(v) for v in meta["skip_act_range"]))
+      for field in _QUANTIZERS:
+        name = meta.get(f"{field}_format")  # states written before shortcut splitting have no skip_act_*
         kwargs[f"{field}_format"] = None if name is None else FPFormat.from_name(name)
-        kwargs[f"{field}_mse"] = meta[f"{field}_mse"]
+        kwargs[f"{field}_mse"] = meta.get(f"{field}_mse")
         for suffix in ("maxval", "zero_point"):
           value = leaves.get(f"{field}_{suffix}")
           kwargs[f"{field}_{suffix}"] = None if value is None else jnp.asarray(value, jnp.float32)

@@ -62,7 +62,8 @@ def quant_leaf_group(path_names: tuple[str, ...]) -> str:
       continue
     if name.startswith("weight_"):
       return "weight_scale"
-    if name.startswith(("act_", "rhs_act_")):  # rhs_act_*: the second operand of an attention matmul
+    # rhs_act_*: the second operand of an attention matmul; skip_act_*: the skip part of a split input.
+    if name.startswith(("act_", "rhs_act_", "skip_act_")):
       return "act_quant"
   return "frozen"
 

@@ -95,6 +95,7 @@ def quant_config_from(config):
     rules.append(quant.QuantRule(path=".*", module_types=("MatMul",), act_bits=int(q.attention_bits)))
   return quant.QuantConfig(weight_bits=int(q.weight_bits), act_bits=int(q.act_bits), kind=q.kind,
                            sign_mode=q.sign_mode, one_sided_alpha=float(q.aal_alpha), rules=tuple(rules),
+                           split_shortcut=q.split_shortcut, zero_point_on_grid=q.zero_point_on_grid,
                            seed=int(config.calibration.seed))
 
 

@@ -249,3 +249,29 @@ def test_dataset_statistics_resume_and_equal_a_direct_computation(tmp_path, net,
     _dataset_statistics(tmp_path / "c", net, images, protocol={"dataset": "toy"})
   with pytest.raises(ValueError, match="uint8"):
     _dataset_statistics(tmp_path / "d", net, images.astype(np.float32))
+
+
+def test_balanced_labels_give_every_class_its_share_in_a_seeded_shuffle():
+  labels = loop.balanced_labels(1000, 10, seed=3)
+  np.testing.assert_array_equal(np.bincount(labels), np.full(10, 100))
+  assert not np.array_equal(labels, np.sort(labels))  # shuffled, not class after class
+  np.testing.assert_array_equal(labels, loop.balanced_labels(1000, 10, seed=3))
+  assert not np.array_equal(labels, loop.balanced_labels(1000, 10, seed=4))
+  # ImageNet's protocol: 50 per class for 50,000 samples; a remainder goes one each to the first classes.
+  np.testing.assert_array_equal(np.bincount(loop.balanced_labels(50_000, 1000, 0)), np.full(1000, 50))
+  np.testing.assert_array_equal(np.bincount(loop.balanced_labels(1003, 10, 0)), [101] * 3 + [100] * 7)
+
+
+def test_evaluate_hands_each_round_its_slice_of_the_labels(tmp_path, net, reference_stats):
+  labels = loop.balanced_labels(10, 5, seed=0)
+  seen = []
+
+  def conditional(rng, batch_size, round_labels):
+    seen.append(np.asarray(round_labels))
+    return _sample_fn(rng, batch_size)
+  _evaluate(tmp_path, net, reference_stats, sample_fn=conditional, labels=labels)
+  # 10 samples in rounds of 4: the third round takes samples 8, 9 and wraps (its last two are not kept).
+  np.testing.assert_array_equal(np.concatenate(seen)[:10], labels)
+  np.testing.assert_array_equal(seen[-1], labels[[8, 9, 0, 1]])
+  with pytest.raises(ValueError, match="one label per sample"):
+    _evaluate(tmp_path / "bad", net, reference_stats, sample_fn=conditional, labels=labels[:9])

@@ -477,3 +477,16 @@ def test_preset_parameter_counts_match_diffusers_and_paper(name):
   assert ours - table == _meta_count(_diffusers_preset_unet(name))
   # Published diffusion-model sizes (LDM paper): 400M / 274M / 294M.
   assert abs(ours / 1e6 - preset.published_params) / preset.published_params < 0.01
+
+
+def test_output_blocks_mark_their_skip_concatenation_for_shortcut_splitting():
+  from msfp_jax import quant
+  config = ATTENTION_BLOCK_CONFIGS["bedroom_like"]  # 32 / 64 channels, one ResBlock per level
+  model = LDMUNet(config=config)
+  variables = model.init(jax.random.key(0), *model.example_inputs(1))
+  layers = quant.discover_layers(model, variables, *model.example_inputs(1))
+  split = {path: info.act_split for path, info in layers.items() if info.act_split is not None}
+  # Skips (conv_in 32, level-0 block 32, downsample 32, level-1 block 64) are popped in reverse; h is 64 wide
+  # on level 1 and after its upsample, then 32. Every output block's skip_connection reads a join.
+  assert split == {"output_blocks_0_0/skip_connection": 64, "output_blocks_1_0/skip_connection": 64,
+                   "output_blocks_2_0/skip_connection": 64, "output_blocks_3_0/skip_connection": 32}

@@ -318,3 +318,20 @@ def test_load_refuses_missing_or_foreign_directories(tmp_path):
       '"attn_resolutions": [4]}}')
   with pytest.raises(CheckpointError, match="No checkpoint"):
     load(tmp_path / "other")
+
+
+def test_up_blocks_mark_their_skip_concatenation_for_shortcut_splitting():
+  # The model holds no quantization code; it marks each [h, skip] join as a Concat module, and the layer
+  # that reads the raw join (the 1x1 nin_shortcut) is what shortcut splitting applies to.
+  from msfp_jax import quant
+  model = DDPMUNet(config=DDPMUNetConfig(**TINY))
+  variables = _random_variables(model)
+  layers = quant.discover_layers(model, variables, *model.example_inputs(1))
+  split = {path: info.act_split for path, info in layers.items() if info.act_split is not None}
+  # Level 1 (64 channels): h is 64 wide at every block; level 0: 64 after the upsample, then 32.
+  assert split == {"up_1_block_0/nin_shortcut": 64, "up_1_block_1/nin_shortcut": 64,
+                   "up_1_block_2/nin_shortcut": 64, "up_0_block_0/nin_shortcut": 64,
+                   "up_0_block_1/nin_shortcut": 32, "up_0_block_2/nin_shortcut": 32}
+  off = quant.discover_layers(model, variables, *model.example_inputs(1),
+                              config=quant.QuantConfig(split_shortcut=False))
+  assert all(info.act_split is None for info in off.values())

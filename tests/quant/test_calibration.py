@@ -90,68 +90,92 @@ def test_subsampling_bounds_memory_for_large_inputs(toy):
 
 
 def test_mixup_sign_search_on_the_toy_network(toy):
-  """method.md section 3: unsigned + zero point near -0.14 for the SiLU-fed layer, about half the error."""
+  """method.md section 3: unsigned + zero point for the SiLU-fed layer, about half the error of signed.
+
+  With free zero points the search lands near the MSE optimum -0.14; with the zero point on the grid (the
+  default) it takes the on-grid value that costs least, and real 0 is then a level.
+  """
   model, variables, x = toy
   batches = [(x[:128],), (x[128:],)]
   y_fp = model.apply(variables, x)
   errors, states = {}, {}
-  for mode in ("search", "signed"):
+  for mode, on_grid in (("search", False), ("search", True), ("signed", True)):
     # dense1 stays FP so that the output error is that of the SiLU-fed layer's quantizers.
-    config = QuantConfig(sign_mode=mode, samples_per_batch=1 << 16,
+    config = QuantConfig(sign_mode=mode, samples_per_batch=1 << 16, zero_point_on_grid=on_grid,
                          rules=(QuantRule(path="dense1", keep_fp=True),))
-    states[mode] = calibrate(model, variables, batches, config)
-    y_q = jax.jit(lambda v, x, s=states[mode]: quantized_apply(model, v, s, x))(variables, x)
-    errors[mode] = float(jnp.mean((y_q - y_fp) ** 2))
-  chosen = states["search"].layers["dense2"]
-  assert chosen.one_sided and not chosen.act_format.signed
-  assert chosen.act_format in FPFormat.candidates(4, signed=False)
-  assert chosen.act_range[0] == pytest.approx(-0.27846, abs=1e-4)  # the SiLU minimum
+    states[mode, on_grid] = state = calibrate(model, variables, batches, config)
+    y_q = jax.jit(lambda v, x, s=state: quantized_apply(model, v, s, x))(variables, x)
+    errors[mode, on_grid] = float(jnp.mean((y_q - y_fp) ** 2))
+  free, on_grid = states["search", False].layers["dense2"], states["search", True].layers["dense2"]
+  for chosen in (free, on_grid):
+    assert chosen.one_sided and not chosen.act_format.signed
+    assert chosen.act_format in FPFormat.candidates(4, signed=False)
+    assert chosen.act_range[0] == pytest.approx(-0.27846, abs=1e-4)  # the SiLU minimum
   # The MSE optimum is about -0.14; the zero-point grid (17 values from min to 0) has a step of 0.017.
-  assert -0.17 <= float(chosen.act_zero_point) <= -0.11
-  assert states["signed"].layers["dense2"].act_format.signed
-  # Weights are searched identically in both modes.
-  assert states["signed"].layers["dense2"].weight_format == chosen.weight_format
-  ratio = errors["search"] / errors["signed"]
-  assert ratio < 0.6, errors  # "halves the output error" (measured 0.52)
+  assert -0.17 <= float(free.act_zero_point) <= -0.11
+  # On the grid: -z is a level of the grid (z + maxval * unit), so fake_quant(0) is exactly 0.
+  assert float(fake_quant(jnp.zeros(()), on_grid.act_format, on_grid.act_maxval, on_grid.act_zero_point)) == 0.0
+  assert float(fake_quant(jnp.zeros(()), free.act_format, free.act_maxval, free.act_zero_point)) != 0.0
+  assert on_grid.act_mse >= free.act_mse  # a constrained search cannot beat the free one
+  signed = states["signed", True].layers["dense2"]
+  assert signed.act_format.signed
+  # Weights are searched identically in every mode.
+  assert signed.weight_format == free.weight_format == on_grid.weight_format
+  # "halves the output error" (measured 0.52 with free zero points, 0.58 with the zero point on the grid)
+  assert errors["search", False] / errors["signed", True] < 0.6, errors
+  assert errors["search", True] / errors["signed", True] < 0.65, errors
 
 
-def _brute_force_activation(samples, formats_and_zero_points, factors, top):
-  """Best (mse, format, maxval, zero_point) by evaluating fake_quant on every candidate."""
+def _brute_force_activation(samples, formats_and_zero_points, factors, top, on_grid=False):
+  """Best (mse, format, maxval, zero_point) by evaluating fake_quant on every candidate.
+
+  on_grid: each unsigned candidate (z, maxval) moves z to minus the level of the grid of maxval (the
+  format's own code values) nearest -z, so that 0 is a level.
+  """
   best = None
   x = jnp.asarray(samples, jnp.float32)
   for fmt, zero_points in formats_and_zero_points:
     for z in zero_points:
       maxvals = factors * (top - z if not fmt.signed else top)
-      mse = jax.vmap(lambda m: jnp.mean((fake_quant(x, fmt, m, z) - x) ** 2))(jnp.asarray(maxvals, jnp.float32))
+      if on_grid and not fmt.signed:
+        zs = np.array([-grid[np.argmin(np.abs(grid + z))] for grid in map(fmt.grid, maxvals)])
+      else:
+        zs = np.full(len(maxvals), z)
+      mse = jax.vmap(lambda m, z: jnp.mean((fake_quant(x, fmt, m, z) - x) ** 2))(
+          jnp.asarray(maxvals, jnp.float32), jnp.asarray(zs, jnp.float32))
       q = int(jnp.argmin(mse))
       if best is None or float(mse[q]) < best[0]:
-        best = (float(mse[q]), fmt, float(maxvals[q]), z)
+        best = (float(mse[q]), fmt, float(maxvals[q]), float(zs[q]))
   return best
 
 
+@pytest.mark.parametrize("on_grid", [False, True], ids=["free_zero_point", "zero_point_on_grid"])
 @pytest.mark.parametrize("sign_mode", ["search", "signed", "unsigned"])
-def test_activation_search_equals_brute_force_fake_quant(sign_mode):
+def test_activation_search_equals_brute_force_fake_quant(sign_mode, on_grid):
   rng = np.random.default_rng(3)
   h = rng.normal(size=3000) * 2.5
   samples = (h / (1.0 + np.exp(-h))).astype(np.float32)
   lo, hi = float(samples.min()), float(samples.max())
-  config = QuantConfig(sign_mode=sign_mode, maxval_grid_size=40, zero_point_grid_size=5)
+  config = QuantConfig(sign_mode=sign_mode, maxval_grid_size=40, zero_point_grid_size=5,
+                       zero_point_on_grid=on_grid)
   choice = search_activation_quantizer(samples, lo, hi, 4, sign_mode, config)
   factors = maxval_factors(config)
   signed = [(f, [0.0]) for f in FPFormat.candidates(4, signed=True)]
   unsigned = [(f, list(np.linspace(lo, 0.0, 5))) for f in FPFormat.candidates(4, signed=False)]
   pool = {"search": signed + unsigned, "signed": signed, "unsigned": unsigned}[sign_mode]
   mse, fmt, maxval, zero_point = _brute_force_activation(samples, pool, factors, max(abs(lo), hi) if
-                                                         sign_mode == "signed" else hi)
+                                                         sign_mode == "signed" else hi, on_grid)
   if sign_mode == "search":  # signed candidates scale with absmax, unsigned with max - z: evaluate separately
     s = _brute_force_activation(samples, signed, factors, max(abs(lo), hi))
-    u = _brute_force_activation(samples, unsigned, factors, hi)
+    u = _brute_force_activation(samples, unsigned, factors, hi, on_grid)
     mse, fmt, maxval, zero_point = min(s, u, key=lambda t: t[0])
   assert choice.format == fmt
   assert choice.maxval == pytest.approx(maxval, rel=1e-6)
   assert (choice.zero_point or 0.0) == pytest.approx(zero_point, abs=1e-6)
   assert choice.mse == pytest.approx(mse, rel=1e-4)
   assert choice.one_sided
+  if on_grid and choice.zero_point is not None:
+    assert float(fake_quant(jnp.zeros(()), choice.format, choice.maxval, choice.zero_point)) == 0.0
 
 
 def test_two_sided_input_stays_signed_in_every_mode():

@@ -127,12 +127,14 @@ def test_many_narrow_layers_stay_small(narrow, tmp_path):
   num_kernel = sum(np.size(k) for k in kernels)
   num_qstate = sum(np.size(leaf) for leaf in jax.tree.leaves(qstate))
   assert sizes["codes"] == num_kernel // 2  # two 4-bit codes a byte, no per-layer padding (even sizes)
-  assert sizes["float"] == 4 * (num_params - num_kernel + num_qstate)
-  # Codes (1/8) plus biases and per-channel maxvals (1/64 each here) are ~0.154x; what the file adds on top
-  # is one JSON and a handful of entry headers, deflated with the rest.
+  # Layers with an input zero point also carry their folded bias and one pad value (code domain).
+  folded = [layer.weight_maxval.size + 1 for layer in qstate.layers.values() if layer.act_zero_point is not None]
+  assert sizes["float"] == 4 * (num_params - num_kernel + num_qstate + sum(folded))
+  # Codes (1/8) plus biases, per-channel maxvals and folded biases (1/64 each here) are ~0.17x; what the file
+  # adds on top is one JSON and a handful of entry headers, deflated with the rest.
   payload = (sizes["codes"] + sizes["float"]) / sizes["float32_equivalent"]
-  assert payload < 0.155
-  assert sizes["file"] / sizes["float32_equivalent"] <= 0.16
+  assert payload < 0.17
+  assert sizes["file"] / sizes["float32_equivalent"] <= 0.175
 
 
 def _write_npz(path, **arrays):
@@ -159,3 +161,68 @@ def test_other_versions_and_foreign_files_are_refused(narrow, tmp_path):
   _write_npz(tmp_path / "truncated.npz", **arrays)
   with pytest.raises(packed.PackedModelError, match="lacks the entries"):
     packed.load_packed(tmp_path / "truncated.npz")
+
+
+class PaddedSiluNet(nn.Module):
+  """SiLU-fed convs with every padding a UNet uses (explicit, SAME with stride and dilation), a Dense, and a
+  split input, so that zero points meet zero padding."""
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Conv(16, (3, 3), padding=((1, 1), (1, 1)), name="conv_a")(x)
+    h = nn.Conv(16, (3, 3), strides=2, kernel_dilation=1, padding="SAME", name="conv_b")(nn.silu(h))
+    h = nn.Conv(12, (3, 3), kernel_dilation=2, padding=((2, 2), (2, 2)), name="conv_c")(nn.silu(h))
+    joined = Concat(name="concat")(h, nn.silu(h[..., :6]))
+    h = nn.Conv(8, (3, 3), padding=((1, 1), (1, 1)), name="conv_split")(joined)
+    return nn.Dense(5, name="head")(nn.silu(h))
+
+
+class Concat(nn.Module):
+  @nn.compact
+  def __call__(self, a, b):
+    return jnp.concatenate([a, b], axis=-1)
+
+
+def _export_and_load(tmp_path, config, name):
+  model = PaddedSiluNet()
+  x = jax.random.normal(jax.random.key(0), (6, 12, 12, 3))
+  variables = model.init(jax.random.key(1), x)
+  qstate = calibrate(model, variables, [(x,)], config)
+  banks = [variables, _with_delta(variables, 3)]
+  packed.export_packed(tmp_path / name, banks, qstate)
+  return model, banks, qstate, packed.load_packed(tmp_path / name), x
+
+
+def test_code_domain_execution_with_folded_biases_equals_fake_quant(tmp_path):
+  model, banks, qstate, loaded, x = _export_and_load(tmp_path, QuantConfig(), "on_grid.npz")
+  with_zero_point = [p for p, layer in qstate.layers.items() if layer.act_zero_point is not None
+                     or layer.skip_act_zero_point is not None]
+  assert {"conv_b", "conv_c", "conv_split"} <= set(with_zero_point)  # SiLU-fed layers the search made unsigned
+  assert qstate.layers["conv_split"].act_split == 12 and qstate.layers["conv_split"].skip_act_zero_point is not None
+  assert set(loaded.code_domain_per_bank[0]) == set(with_zero_point)
+  for bank, variables in enumerate(banks):
+    entry = loaded.code_domain_per_bank[bank]["conv_b"]
+    np.testing.assert_array_equal(entry.pad_value, -np.float32(qstate.layers["conv_b"].act_zero_point))
+    # The folded bias against float64 numpy: b + sum over taps and inputs of W_q * z.
+    w_q = np.asarray(loaded.variables_per_bank[bank]["params"]["conv_b"]["kernel"], np.float64)
+    want = np.asarray(variables["params"]["conv_b"]["bias"], np.float64) + w_q.sum(axis=(0, 1, 2)) * float(
+        qstate.layers["conv_b"].act_zero_point)
+    np.testing.assert_allclose(entry.folded_bias, want, rtol=1e-5, atol=1e-6)
+    fake = quantized_apply(model, variables, qstate, x) if bank == 0 else None
+    code = jax.jit(lambda x, b=bank: packed.code_domain_apply(model, loaded, x, bank=b))(x)
+    reference = jax.jit(lambda v, x: quantized_apply(model, v, loaded.qstate, x, weights_prequantized=True))(
+        loaded.variables_per_bank[bank], x)
+    np.testing.assert_allclose(code, reference, rtol=1e-4, atol=1e-4)
+    if fake is not None:
+      np.testing.assert_allclose(reference, fake, rtol=1e-5, atol=1e-5)
+
+
+def test_code_domain_execution_shows_what_an_off_grid_zero_point_costs(tmp_path):
+  # The control: with free zero points real 0 is no code, a kernel pads with the nearest one, and the
+  # border outputs move, so the test above would fail if the zero points were not on the grid.
+  model, banks, qstate, loaded, x = _export_and_load(tmp_path, QuantConfig(zero_point_on_grid=False), "free.npz")
+  z = float(qstate.layers["conv_b"].act_zero_point)
+  assert loaded.code_domain_per_bank[0]["conv_b"].pad_value[0] != -z
+  code = packed.code_domain_apply(model, loaded, x)
+  reference = quantized_apply(model, loaded.variables_per_bank[0], loaded.qstate, x, weights_prequantized=True)
+  assert float(jnp.max(jnp.abs(code - reference))) > 1e-3
