@@ -76,3 +76,63 @@ def plot_per_step_errors(errors: Mapping, path: str | os.PathLike, title: str = 
   if title:
     fig.suptitle(title, fontsize=9)
   return plotting.save_figure(fig, path)
+
+
+WEIGHTINGS = ("abs", "square", "none")  # DFA's |gamma_t|, gamma_t^2, and plain MSE
+
+
+def swap_in_costs(sample_with: Callable, reference_eps: Callable, candidate_eps: Callable, ts, gammas,
+                  block_size: int) -> dict:
+  """What each block of sampler steps costs: the candidate model swapped in for one block at a time.
+
+  Args:
+    sample_with: eps_fn -> x_0 from fixed noise (the same noise and sampler for every call).
+    reference_eps, candidate_eps: the FP and the quantized model's eps_fn(x, t).
+    ts, gammas: the sampler's visited timesteps (descending) and their gamma_t.
+    block_size: consecutive visited steps per block.
+  Returns:
+    {"blocks": [{"t_max", "t_min", "steps", "sample_mse", "cost_share", "weight_share": {weighting: share}}],
+     "all_steps_mse": the MSE with the candidate at every step, "sum_of_blocks_mse": ...}. The cost share is
+    the block's sample MSE over the sum of all blocks'; a weighting's share is the fraction of the
+    fine-tuning loss weight that falls on the block's steps (how well the loss weights the real cost).
+  """
+  import jax  # pylint: disable=g-import-not-at-top  (the paired metrics above need numpy only)
+  ts = [int(t) for t in ts]
+  gammas = np.asarray(gammas, np.float64)
+  reference = np.asarray(sample_with(reference_eps), np.float64)
+  weights = {"abs": np.abs(gammas), "square": gammas ** 2, "none": np.ones_like(gammas)}
+  blocks = []
+  for start in range(0, len(ts), block_size):
+    block = ts[start:start + block_size]
+    low, high = min(block), max(block)
+
+    def mixed(x, t, low=low, high=high):
+      inside = (t[0] >= low) & (t[0] <= high)
+      return jax.lax.cond(inside, candidate_eps, reference_eps, x, t)
+    error = float(np.mean((np.asarray(sample_with(mixed), np.float64) - reference) ** 2))
+    blocks.append({"t_max": high, "t_min": low, "steps": len(block), "sample_mse": error,
+                   "weight_share": {w: float(weights[w][start:start + block_size].sum() / weights[w].sum())
+                                    for w in WEIGHTINGS}})
+  total = sum(b["sample_mse"] for b in blocks)
+  for b in blocks:
+    b["cost_share"] = b["sample_mse"] / total if total > 0 else 0.0
+  everywhere = float(np.mean((np.asarray(sample_with(candidate_eps), np.float64) - reference) ** 2))
+  return {"blocks": blocks, "all_steps_mse": everywhere, "sum_of_blocks_mse": total}
+
+
+def plot_swap_in(costs: Mapping, path: str | os.PathLike, title: str = "") -> str:
+  """PNG: per block of steps, its share of the swap-in cost beside each loss weighting's share."""
+  plt = plotting.pyplot()
+  blocks = costs["blocks"]
+  x = np.arange(len(blocks))
+  fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(blocks) + 2), 3.6))
+  bars = [("cost (sample MSE)", [b["cost_share"] for b in blocks])]
+  bars += [(f"weight {w}", [b["weight_share"][w] for b in blocks]) for w in WEIGHTINGS]
+  width = 0.8 / len(bars)
+  for i, (label, values) in enumerate(bars):
+    ax.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, label=label)
+  ax.set_xticks(x, [f"t {b['t_max']}-{b['t_min']}" for b in blocks], fontsize=7)
+  ax.set_ylabel("share")
+  ax.legend(fontsize=7)
+  ax.set_title(title or "one block of steps quantized at a time: cost vs loss weight", fontsize=9)
+  return plotting.save_figure(fig, path)

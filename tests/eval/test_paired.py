@@ -41,3 +41,29 @@ def test_the_per_step_plot_is_written(tmp_path):
   path = paired.plot_per_step_errors(errors, tmp_path / "e.png", title="x")
   with open(path, "rb") as f:
     assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_swap_in_costs_match_a_sampler_whose_errors_add_up_in_closed_form():
+  import jax.numpy as jnp
+  ts, gammas = np.array([900, 700, 500, 300, 100]), np.array([-0.4, -0.3, -0.2, -0.1, -0.05])
+  offsets = {900: 1.0, 700: 2.0, 500: -1.0, 300: 0.5, 100: 3.0}
+
+  def sample_with(eps_fn):  # x_prev = x + gamma_t eps: an eps error d moves x_0 by gamma_t d
+    x = jnp.zeros((2, 3))
+    for t, g in zip(ts, gammas):
+      x = x + g * eps_fn(x, jnp.full((2,), t, jnp.int32))
+    return x
+  reference = lambda x, t: jnp.zeros_like(x)
+  candidate = lambda x, t: jnp.full_like(x, 1.0) * jnp.asarray([offsets[k] for k in ts])[
+      jnp.argmax(jnp.asarray(ts) == t[0])]
+  costs = paired.swap_in_costs(sample_with, reference, candidate, ts, gammas, block_size=2)
+  blocks = costs["blocks"]
+  assert [(b["t_max"], b["t_min"], b["steps"]) for b in blocks] == [(900, 700, 2), (500, 300, 2), (100, 100, 1)]
+  want = [(-0.4 * 1.0 - 0.3 * 2.0) ** 2, (-0.2 * -1.0 - 0.1 * 0.5) ** 2, (-0.05 * 3.0) ** 2]
+  np.testing.assert_allclose([b["sample_mse"] for b in blocks], want, rtol=1e-5)
+  np.testing.assert_allclose([b["cost_share"] for b in blocks], np.asarray(want) / sum(want), rtol=1e-5)
+  total = sum(-g * offsets[t] for t, g in zip(ts, gammas))
+  assert costs["all_steps_mse"] == pytest.approx(total ** 2, rel=1e-5)
+  share = blocks[0]["weight_share"]
+  assert share["abs"] == pytest.approx(0.7 / 1.05) and share["square"] == pytest.approx(0.25 / 0.3025)
+  assert share["none"] == pytest.approx(0.4)

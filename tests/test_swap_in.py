@@ -1,0 +1,37 @@
+"""The swap-in diagnostic on a calibrated run of the tiny model: every block costs something, shares add up.
+
+Its arithmetic is tested against a closed form in tests/eval/test_paired.py; here the command's wiring: the
+run's own PTQ model, the sampler's steps and gammas, the JSON and PNG it leaves.
+"""
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "train"))
+import tiny_setup  # noqa: E402
+
+
+def test_swap_in_blocks_cover_the_sampler_and_their_shares_add_up(tmp_path):
+  from msfp_jax.diagnostics import swap_in
+  from msfp_jax.train import calibration
+  from msfp_jax.train import pipeline
+  model_dir = tiny_setup.write_tiny_model(tmp_path / "model")
+  config = tiny_setup.tiny_config(model_dir)
+  workdir = tmp_path / "run"
+  calibration.load_or_calibrate(config, workdir, bundle=pipeline.load_model(config))
+  costs = swap_in.run(config, workdir, "ptq", block=3, num_images=4)
+  blocks = costs["blocks"]
+  assert [b["steps"] for b in blocks] == [3, 1]  # 4 DDIM steps in blocks of 3
+  assert all(b["sample_mse"] > 0 for b in blocks) and costs["all_steps_mse"] > 0
+  assert sum(b["cost_share"] for b in blocks) == pytest.approx(1.0)
+  for weighting in ("abs", "square", "none"):
+    assert sum(b["weight_share"][weighting] for b in blocks) == pytest.approx(1.0)
+  assert blocks[0]["weight_share"]["none"] == pytest.approx(0.75)
+  saved = json.loads((workdir / "diagnostics" / "swap_in_ptq.json").read_text())
+  np.testing.assert_allclose([b["sample_mse"] for b in saved["blocks"]], [b["sample_mse"] for b in blocks])
+  assert (workdir / "diagnostics" / "swap_in_ptq.png").read_bytes()[:4] == b"\x89PNG"
+  with pytest.raises(ValueError, match="ptq or finetuned"):
+    swap_in.run(config, workdir, "fp")
