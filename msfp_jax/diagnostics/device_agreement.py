@@ -27,6 +27,7 @@ changes how XLA fuses the step, hence which codes flip: compare the probe loss w
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -101,15 +102,17 @@ def _recorder(qstate, sink: dict, forced, top_type, record_inputs: bool):
       raise RuntimeError(f"layer {path!r} called {number} times in one loss; expected teacher + student")
     args = list(args)
     if number == 2:
-      operands = [(layer.act_format, layer.act_maxval, layer.act_zero_point)]
+      quantizers = [functools.partial(qi.quantize_layer_input, layer)]  # both parts of a split input
       if layer.is_matmul:
-        operands.append((layer.rhs_act_format, layer.rhs_act_maxval, layer.rhs_act_zero_point))
-      for i, (fmt, maxval, zero_point) in enumerate(operands):
+        quantizers.append(lambda x: quant.fake_quant(x, layer.rhs_act_format, layer.rhs_act_maxval, 0.0
+                                                     if layer.rhs_act_zero_point is None else
+                                                     layer.rhs_act_zero_point))
+      for i, quantize in enumerate(quantizers):
         key = f"{path}:{i}"
         sink.setdefault("order", []).append(key)
         if record_inputs:
           sink[f"act_x/{key}"] = args[i]
-        sink[f"act_q/{key}"] = quant.fake_quant(args[i], fmt, maxval, 0.0 if zero_point is None else zero_point)
+        sink[f"act_q/{key}"] = quantize(args[i])
         if forced is not None:
           args[i] = forced[key].astype(args[i].dtype)
     current[0] = (path, number)

@@ -197,6 +197,17 @@ def _quantize_activation(x, fmt, maxval, zero_point):
   return fake_quant(x, fmt, maxval, _zero_point_or_zero(zero_point))
 
 
+def quantize_layer_input(layer: LayerQuantState, x: jax.Array) -> jax.Array:
+  """x_hat of a layer's (first) input: one quantizer, or one per part of a split input."""
+  if layer.act_split is None:
+    return _quantize_activation(x, layer.act_format, layer.act_maxval, layer.act_zero_point)
+  _check_split(x, layer.act_split)
+  return jnp.concatenate(
+      [_quantize_activation(x[..., :layer.act_split], layer.act_format, layer.act_maxval, layer.act_zero_point),
+       _quantize_activation(x[..., layer.act_split:], layer.skip_act_format, layer.skip_act_maxval,
+                            layer.skip_act_zero_point)], axis=-1)
+
+
 def input_zero_points(layer: LayerQuantState, channels: int) -> jax.Array:
   """The zero point of each input channel of a Conv/Dense layer ([channels]; 0 where signed)."""
   z = jnp.full((channels,), _zero_point_or_zero(layer.act_zero_point), jnp.float32)
@@ -300,15 +311,7 @@ def quantization_interceptor(qstate: QuantState, *, kernel_update: KernelUpdate 
       return next_fun(*args, **kwargs)
     if module.is_initializing():
       return next_fun(*args, **kwargs)  # model.init under the interceptor: nothing to quantize yet
-    if layer.act_split is not None:
-      _check_split(args[0], layer.act_split)
-      x = jnp.concatenate(
-          [_quantize_activation(args[0][..., :layer.act_split], layer.act_format, layer.act_maxval,
-                                layer.act_zero_point),
-           _quantize_activation(args[0][..., layer.act_split:], layer.skip_act_format, layer.skip_act_maxval,
-                                layer.skip_act_zero_point)], axis=-1)
-    else:
-      x = _quantize_activation(args[0], layer.act_format, layer.act_maxval, layer.act_zero_point)
+    x = quantize_layer_input(layer, args[0])
     if layer.is_matmul:
       b = _quantize_activation(args[1], layer.rhs_act_format, layer.rhs_act_maxval, layer.rhs_act_zero_point)
       return next_fun(x, b, *args[2:], **kwargs)
