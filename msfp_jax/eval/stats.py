@@ -117,6 +117,31 @@ class FeatureStatistics:
       np.savez_compressed(f, **arrays)
 
 
+def _pooled(n1: int, mu1, sigma1, n2: int, mu2, sigma2) -> tuple[np.ndarray, np.ndarray]:
+  n = n1 + n2
+  mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+  delta = mu1 - mu2
+  sigma = ((n1 - 1) * np.asarray(sigma1, np.float64) + (n2 - 1) * np.asarray(sigma2, np.float64)
+           + (n1 * n2 / n) * np.outer(delta, delta)) / (n - 1)
+  return (n1 * mu1 + n2 * mu2) / n, (sigma + sigma.T) / 2
+
+
+def pooled_statistics(a: FeatureStatistics, b: FeatureStatistics, protocol: dict | None = None
+                      ) -> FeatureStatistics:
+  """The statistics of two disjoint sets of images together, from each set's (count, mean, covariance); with
+  the sample covariances of both, this equals computing them over the union in one piece (up to rounding).
+  Used to finish reference statistics computed in parts (data/partial_statistics/README.md)."""
+  if a.count is None or b.count is None or a.count < 2 or b.count < 2:
+    raise ValueError(f"pooling needs the sample count of both parts (at least 2 each), got {a.count} and {b.count}.")
+  if a.has_spatial != b.has_spatial:
+    raise ValueError("pooling needs the sFID spatial part in both statistics or in neither.")
+  mu, sigma = _pooled(a.count, a.mu, a.sigma, b.count, b.mu, b.sigma)
+  mu_s = sigma_s = None
+  if a.has_spatial:
+    mu_s, sigma_s = _pooled(a.count, a.mu_s, a.sigma_s, b.count, b.mu_s, b.sigma_s)
+  return FeatureStatistics(mu, sigma, a.count + b.count, mu_s, sigma_s, protocol=protocol)
+
+
 def symmetric_from_triu(values: np.ndarray, dim: int) -> np.ndarray:
   """The symmetric [dim, dim] matrix (float64) whose upper triangle, row by row, is `values`."""
   values = np.asarray(values, np.float64)

@@ -94,3 +94,21 @@ def test_statistics_save_roundtrip_in_adm_and_pytorch_fid_layout(tmp_path):
     np.testing.assert_array_equal(data["mu"], st.mu)
   with pytest.raises(ValueError, match="sFID needs spatial statistics"):
     stats_lib.sfid_from_stats(st, stats_lib.FeatureStatistics(st.mu, st.sigma))
+
+
+def test_pooled_statistics_of_two_parts_equal_those_of_the_whole():
+  rng = np.random.default_rng(5)
+  pool3 = rng.normal(size=(300, 6)) * [1, 2, 3, 1, 1, 0.5] + 2.0
+  spatial = rng.normal(size=(300, 4)) - 1.0
+
+  def of(rows):
+    return stats_lib.FeatureStatistics(pool3[rows].mean(0), np.cov(pool3[rows], rowvar=False), len(pool3[rows]),
+                                       spatial[rows].mean(0), np.cov(spatial[rows], rowvar=False))
+  whole = of(slice(None))
+  merged = stats_lib.pooled_statistics(of(slice(0, 113)), of(slice(113, None)), protocol={"merged": True})
+  assert merged.count == 300 and merged.protocol == {"merged": True}
+  for got, want in ((merged.mu, whole.mu), (merged.sigma, whole.sigma), (merged.mu_s, whole.mu_s),
+                    (merged.sigma_s, whole.sigma_s)):
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+  with pytest.raises(ValueError, match="sample count"):
+    stats_lib.pooled_statistics(stats_lib.FeatureStatistics(whole.mu, whole.sigma), whole)
