@@ -8,8 +8,8 @@ the first part, data/partial_statistics/cifar10_train_tf_first_42950.npz, is in 
 The first N images' statistics (`--first`, the compact form with its protocol) were computed by
 `python -m msfp_jax.fid ... cifar10:train --batch-size 25` before a session ended. This computes images
 [N, 50000) with the same pipeline, network and batch size in the resumable rounds of
-`msfp_jax.eval.loop.dataset_statistics` (rerun the same command after an interruption), pools the two parts
-(`msfp_jax.eval.stats.pooled_statistics`, exact against one-piece statistics) and writes the shipped file.
+`msfp_jax.evaluation.loop.dataset_statistics` (rerun the same command after an interruption), pools the two parts
+(`msfp_jax.evaluation.stats.pooled_statistics`, exact against one-piece statistics) and writes the shipped file.
 """
 from __future__ import annotations
 
@@ -17,10 +17,10 @@ import argparse
 import dataclasses
 
 from msfp_jax.data import cifar10
-from msfp_jax.eval import load_inception
-from msfp_jax.eval.loop import dataset_statistics
-from msfp_jax.eval.reference import statistics_from_npz
-from msfp_jax.eval.stats import pooled_statistics
+from msfp_jax.evaluation import load_inception
+from msfp_jax.evaluation.loop import dataset_statistics
+from msfp_jax.evaluation.reference import statistics_from_npz
+from msfp_jax.evaluation.stats import pooled_statistics
 
 
 def main() -> None:

@@ -4,7 +4,7 @@
 #
 # Exact command (node 0 of 2; on node 1 use PROCESS_ID=1):
 #   COORDINATOR_ADDRESS=10.0.0.1:12345 NUM_PROCESSES=2 PROCESS_ID=0 \
-#   bash launch/gpu_multinode.sh python -m msfp_jax.main --config=configs/lsun_bedroom_w4a4.py \
+#   bash launch/gpu_multinode.sh python -m msfp_jax.main --config=configs/lsun_bedroom.py:w4a4 \
 #       --workdir=/shared/runs/lsun_bedroom_w4a4 --mode=finetune
 #
 # COORDINATOR_ADDRESS is host:port of process 0 (reachable from every node); NUM_PROCESSES the number of

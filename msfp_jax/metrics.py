@@ -10,11 +10,13 @@ import json
 import os
 import pathlib
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
-from clu import metric_writers
-from clu import periodic_actions
+from clu import metric_writers, periodic_actions
+
+from msfp_jax import checkpoint
 
 
 class JsonlWriter(metric_writers.MetricWriter):
@@ -87,12 +89,6 @@ def create_writer(workdir: str | os.PathLike, *, just_logging: bool = False,
   return writer
 
 
-def _replace_text(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
-
-
 def _jsonl_records(path: pathlib.Path) -> list[dict]:
   """The complete records of a JSON-lines file (a line cut short by a kill is left out)."""
   records = []
@@ -116,7 +112,7 @@ def _drop_tensorboard_events_after(directory: pathlib.Path, step: int) -> None:
   """Rewrites the event files under `directory` that hold events of steps > `step` (or a record cut short by a
   kill) without them. TensorBoard itself would plot both the old and the new values of those steps (it purges
   orphaned events only on a SessionLog.START, which TF2 writers do not write)."""
-  files = sorted(p for p in directory.rglob("events.out.tfevents.*") if p.is_file() and not p.name.endswith(".tmp"))
+  files = sorted(p for p in directory.rglob("events.out.tfevents.*") if p.is_file() and not checkpoint.is_temporary(p))
   if not files:
     return
   import tensorflow as tf  # clu's SummaryWriter already imported it
@@ -133,11 +129,9 @@ def _drop_tensorboard_events_after(directory: pathlib.Path, step: int) -> None:
       dropped = True
     if not dropped:
       continue
-    tmp = path.with_name(path.name + ".tmp")
-    with tf.io.TFRecordWriter(str(tmp)) as out:
+    with checkpoint.atomic_path(path) as tmp, tf.io.TFRecordWriter(str(tmp)) as out:
       for raw in kept:
         out.write(raw)
-    os.replace(tmp, path)
 
 
 def drop_after(workdir: str | os.PathLike, step: int, *, jsonl_name: str | None = "metrics.jsonl") -> None:
@@ -149,7 +143,7 @@ def drop_after(workdir: str | os.PathLike, step: int, *, jsonl_name: str | None 
       lines = path.read_text().splitlines()
       keep = [json.dumps(r) for r in _jsonl_records(path) if int(r.get("step", 0)) <= step]
       if len(keep) != len(lines):
-        _replace_text(path, "".join(line + "\n" for line in keep))
+        checkpoint.atomic_write_text(path, "".join(line + "\n" for line in keep))
   if (workdir / "tensorboard").is_dir():
     _drop_tensorboard_events_after(workdir / "tensorboard", step)
 

@@ -4,7 +4,7 @@
       --num-samples 1000 --seeds 0,1,2 --workdir runs/cifar10_card \\
       --grid docs/cifar10_model_samples.png --archive ../shared/data/cifar10/cifar10-jpeg.tar.xz
 
-Each seed is one resumable evaluation (msfp_jax.eval.evaluate) under WORKDIR/seed_<s>: rerun the same command
+Each seed is one resumable evaluation (msfp_jax.evaluation.evaluate) under WORKDIR/seed_<s>: rerun the same command
 after an interruption and finished rounds are kept; a seed whose protocol (model hash, sampler, N, pipeline,
 Inception weights, reference) changed is refused rather than mixed. The sampler is DDIM with uniform skip, so
 a seed fixes every image. Prints each seed's scores and their mean +- std (std over seeds, ddof 1), and writes
@@ -13,7 +13,6 @@ WORKDIR/scores.json. --grid writes 100 samples of seed 0 beside 100 training ima
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import sys
 
@@ -21,10 +20,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msfp_jax import checkpoint
-from msfp_jax import stage_inputs
+from msfp_jax import checkpoint, evaluation, plotting, stage_inputs
+from msfp_jax.data import cifar10
 from msfp_jax.diffusion import SamplerConfig, make_schedule, sample
-from msfp_jax import eval as eval_lib
 from msfp_jax.models import load, resolve_model_path
 
 
@@ -55,14 +53,14 @@ def score(model_path: str, reference: str, *, inception_path: str, workdir, num_
   workdir = pathlib.Path(workdir)
   sampler = SamplerConfig(kind="ddim", num_steps=num_steps, eta=eta, skip="uniform")
   sample_fn, meta = model_sample_fn(model_path, sampler)
-  inception = eval_lib.load_inception(inception_path)
-  reference_stats = eval_lib.load_or_compute_statistics(reference, inception=inception, pipeline=pipeline)
+  inception = evaluation.load_inception(inception_path)
+  reference_stats = evaluation.load_or_compute_statistics(reference, inception=inception, pipeline=pipeline)
   protocol_base = {"model_checkpoint_sha256": stage_inputs.tree_sha256(resolve_model_path(model_path)),
                    "sampler": "ddim", "steps": int(num_steps), "eta": float(eta), "guidance": 0.0,
                    "skip": "uniform", "reference": reference}
   per_seed = {}
   for seed in seeds:
-    result = eval_lib.evaluate(sample_fn, num_samples, workdir, name=f"seed_{seed}", batch_size=batch_size,
+    result = evaluation.evaluate(sample_fn, num_samples, workdir, name=f"seed_{seed}", batch_size=batch_size,
                                inception=inception, reference=reference_stats, pipeline=pipeline,
                                protocol={**protocol_base, "seed": int(seed)}, grid_size=100)
     per_seed[str(seed)] = {k: result["metrics"][k] for k in ("fid", "sfid") if result["metrics"][k] is not None}
@@ -84,16 +82,14 @@ def score(model_path: str, reference: str, *, inception_path: str, workdir, num_
 def save_card_grid(model_path: str, archive: str, path, *, num_steps: int = 50, eta: float = 0.0,
                    seed: int = 0, data_dir=None) -> None:
   """100 samples (seed `seed`) beside the first 100 training images of the CIFAR-10 archive, as one PNG."""
-  from msfp_jax.data import cifar10
-  from msfp_jax.stages import save_side_by_side
   sample_fn, meta = model_sample_fn(model_path, SamplerConfig(kind="ddim", num_steps=num_steps, eta=eta,
                                                               skip="uniform"))
   samples = sample_fn(jax.random.key(seed), 100)
   images, _ = cifar10.load_cifar10("train", archive=archive, data_dir=data_dir, source="jpeg")
   steps = meta.get("training", {}).get("steps")
-  save_side_by_side({f"samples (DDIM {num_steps}, eta {eta:g}, seed {seed})": samples,
-                     "training images (first 100)": images[:100].astype(np.float32) / 127.5 - 1.0},
-                    pathlib.Path(path), title=f"{model_path} after {steps} training steps")
+  plotting.save_side_by_side({f"samples (DDIM {num_steps}, eta {eta:g}, seed {seed})": samples,
+                              "training images (first 100)": images[:100].astype(np.float32) / 127.5 - 1.0},
+                             pathlib.Path(path), title=f"{model_path} after {steps} training steps")
 
 
 def _parser() -> argparse.ArgumentParser:

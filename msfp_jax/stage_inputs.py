@@ -12,11 +12,12 @@ model's results and keeps the others.
 from __future__ import annotations
 
 import hashlib
-import json
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
-from msfp_jax import checkpoint
+from msfp_jax import checkpoint, cli, config_record
+from msfp_jax.train import calibration, finetune, pipeline
 
 INPUTS_KEY = "inputs"      # where a summary stores its inputs
 INPUTS_FILE = "inputs.json"  # beside a result folder's partial work (the eval rounds)
@@ -29,20 +30,20 @@ SAMPLE_FIELDS = ("sample.",)
 EVAL_FIELDS = ("evaluation.",)
 # File paths among EVAL_FIELDS: the files' contents are recorded instead of the path text.
 EVAL_PATH_FIELDS = ("evaluation.inception", "evaluation.reference")
+EXPORT_CHECK_IMAGES = 8  # at most, of sample.num_images
 
 _HASHES: dict[tuple, str] = {}
 
 
 def normalized(value: Any) -> Any:
   """`value` as it comes back from JSON (tuples as lists), so stored and current inputs compare equal."""
-  return json.loads(json.dumps(value, default=lambda o: list(o) if isinstance(o, (tuple, set)) else str(o)))
+  return config_record.json_normalized(value)
 
 
 def tree_sha256(path) -> str | None:
   """sha256 of a file, or of a folder's relative file names and contents; None when absent. A folder's Markdown
   files (a model card) are left out: editing the documentation changes no result. Cached per process while no
   file's size or mtime changes (the FP model is hashed once per run, not once per stage)."""
-  from msfp_jax.eval.inception_weights import file_sha256
   path = pathlib.Path(path)
   if path.is_file():
     files = [path]
@@ -53,34 +54,25 @@ def tree_sha256(path) -> str | None:
   key = (str(path.resolve()), path.is_file(), tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
   if key not in _HASHES:
     if path.is_file():
-      _HASHES[key] = file_sha256(path)
+      _HASHES[key] = checkpoint.file_sha256(path)
     else:
       digest = hashlib.sha256()
       for p in files:
         digest.update(str(p.relative_to(path)).encode())
-        digest.update(file_sha256(p).encode())
+        digest.update(checkpoint.file_sha256(p).encode())
       _HASHES[key] = digest.hexdigest()
   return _HASHES[key]
 
 
 def config_fields(config, fields: tuple[str, ...], exclude: tuple[str, ...] = ()) -> dict[str, Any]:
   """The config's values of `fields` (dotted names; "x." selects every field under x), flattened."""
-  flat: dict[str, Any] = {}
-
-  def walk(node, prefix):
-    if isinstance(node, dict):
-      for k, v in node.items():
-        walk(v, f"{prefix}{k}.")
-    else:
-      flat[prefix[:-1]] = node
-  walk(normalized(config.to_dict() if hasattr(config, "to_dict") else dict(config)), "")
+  flat = config_record.flatten(config_record.json_config(config))
   return {k: v for k, v in flat.items() if k not in exclude and any(
       k.startswith(f) if f.endswith(".") else k == f for f in fields)}
 
 
 def finetuned_checkpoint(workdir) -> dict[str, Any]:
   """The step and hash of the fine-tuned checkpoint the later stages load (the latest)."""
-  from msfp_jax.train import finetune
   directory = pathlib.Path(workdir) / finetune.CHECKPOINT_DIR
   step = None
   if directory.is_dir():
@@ -93,8 +85,6 @@ def finetuned_checkpoint(workdir) -> dict[str, Any]:
 
 def model_inputs(config, workdir, name: str) -> dict[str, Any]:
   """What the samples of model `name` ("fp", "ptq", "finetuned") are computed from."""
-  from msfp_jax.train import calibration
-  from msfp_jax.train import pipeline
   workdir = pathlib.Path(workdir)
   inputs = {"fp_model_sha256": tree_sha256(pipeline.model_dir(config.model.path)),
             **config_fields(config, SAMPLING_FIELDS)}
@@ -111,9 +101,15 @@ def sample_inputs(config, workdir, name: str) -> dict[str, Any]:
   return normalized({**model_inputs(config, workdir, name), **config_fields(config, SAMPLE_FIELDS)})
 
 
+def inception_path(config) -> pathlib.Path | None:
+  """config.evaluation.inception; a relative path missing from the working directory is taken relative to the
+  repository (the configs' default .cache/fid/... is where launch/fetch_fid_network.sh puts the network)."""
+  path = str(config.evaluation.inception or "")
+  return cli.resolve_repo_path(path) if path else None
+
+
 def eval_inputs(config, workdir, name: str) -> dict[str, Any]:
-  from msfp_jax import stages
-  inception = stages.inception_path(config)
+  inception = inception_path(config)
   reference = str(config.evaluation.reference or "")
   reference_file = pathlib.Path(reference).expanduser() if reference else None
   return normalized({
@@ -124,10 +120,13 @@ def eval_inputs(config, workdir, name: str) -> dict[str, Any]:
                     else reference)})
 
 
+def export_check_images(config) -> int:
+  """How many samples of the fake-quantized model the export checks its file against."""
+  return min(EXPORT_CHECK_IMAGES, int(config.sample.num_images))
+
+
 def export_inputs(config, workdir) -> dict[str, Any]:
-  # The export checks its file against min(8, sample.num_images) samples of the fake-quantized model.
-  return normalized({**model_inputs(config, workdir, "finetuned"),
-                     "check_images": min(8, int(config.sample.num_images))})
+  return normalized({**model_inputs(config, workdir, "finetuned"), "check_images": export_check_images(config)})
 
 
 def _short(value: Any) -> str:
@@ -145,9 +144,19 @@ def changes(recorded: Any, current: dict[str, Any]) -> list[str]:
           for k in sorted(set(recorded) | set(current)) if recorded.get(k, missing) != current.get(k, missing)]
 
 
-def reusable(what: str, recorded: Any, current: dict[str, Any]) -> bool:
-  """Whether a stored result of `what` may be reused; if not, says which inputs changed."""
-  changed = changes(recorded, current)
+def pending(current: Mapping[str, dict[str, Any]], recorded: Mapping[str, Any]) -> dict[str, list[str]]:
+  """The results still to compute, of those named in `current` (name -> its inputs now): a name without a stored
+  result (absent from `recorded`, name -> the inputs stored with its result) maps to [], one whose result was
+  computed from other inputs to the inputs that changed."""
+  todo = {}
+  for name, inputs in current.items():
+    changed = changes(recorded[name], inputs) if name in recorded else []
+    if name not in recorded or changed:
+      todo[name] = changed
+  return todo
+
+
+def announce(what: str, changed: list[str]) -> None:
+  """Says that a stored result of `what` is computed again, and why (nothing for a result computed first)."""
   if changed:
     print(f"{what}: computing again, its inputs changed: {'; '.join(changed)}", flush=True)
-  return not changed

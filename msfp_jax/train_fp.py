@@ -26,20 +26,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import app, flags
+from ml_collections import config_flags
+from PIL import Image
 
-from msfp_jax import checkpoint, guards, metrics
+from msfp_jax import checkpoint, cli, config_record, guards, metrics, plotting
 from msfp_jax.data import cifar10, digits
 from msfp_jax.diffusion import SamplerConfig, make_schedule, sample
 from msfp_jax.models import build_model, save_converted
 from msfp_jax.models import load as load_model
-
+from msfp_jax.run import lock
+from msfp_jax.run import workdir as workdir_lib
 
 # The loss became NaN / Inf or rose far above its running median (the class fine-tuning raises too).
 TrainingDivergedError = guards.TrainingDivergedError
 
 DIVERGENCE_HINT = ("Lower train.learning_rate or train.grad_clip_norm, in a new --workdir (a resumed run must keep "
                    "them); or, if such a loss is expected, raise train.divergence_factor (0 turns the "
-                   "running-median check off) and rerun the same command: it resumes from the last good checkpoint, if there is one.")
+                   "running-median check off) and rerun the same command: it resumes from the last good "
+                   "checkpoint, if there is one.")
 
 
 DATASETS = ("digits16", "cifar10")
@@ -58,22 +63,10 @@ def load_data(config, workdir: pathlib.Path, split: str = "train") -> np.ndarray
   raise ValueError(f"unknown dataset {config.data.name!r}; train_fp knows {list(DATASETS)}.")
 
 
-def image_grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
-  """[N, H, W, C] in [-1, 1] -> one uint8 grid image (1-pixel gaps); `columns` defaults to ceil(sqrt(N))."""
-  images = np.clip((np.asarray(images) + 1) * 127.5, 0, 255).round().astype(np.uint8)
-  n, h, w, c = images.shape
-  columns = columns or int(np.ceil(np.sqrt(n)))
-  rows = -(-n // columns)
-  grid = np.zeros((rows * (h + 1) + 1, columns * (w + 1) + 1, c), np.uint8)
-  for k in range(n):
-    r, col = divmod(k, columns)
-    grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + col * (w + 1): 1 + col * (w + 1) + w] = images[k]
-  return grid[..., 0] if c == 1 else grid
-
-
 def save_grid_png(images: np.ndarray, path: pathlib.Path, scale: int = 4) -> None:
-  from PIL import Image
-  grid = image_grid(images)
+  """[N, H, W, C] images in [-1, 1] as one PNG grid (black 1-pixel gaps), each pixel `scale` x `scale`."""
+  grid = plotting.image_grid(images)
+  grid = grid[..., 0] if grid.shape[-1] == 1 else grid
   Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
 
 
@@ -122,8 +115,10 @@ _COMPILED: dict[str, tuple] = {}
 
 
 def _compiled_functions(config):
-  resumable = _resumable(config.to_dict())
-  key = json.dumps({k: resumable[k] for k in ("model", "schedule", "train")}, sort_keys=True)
+  # What the compiled functions depend on: the model, schedule and train fields a resumed run must keep.
+  kept = config_record.kept_fields(config_record.json_config(config), config_record.TRAIN_FP_CHECKPOINT)
+  key = json.dumps({k: v for k, v in kept.items() if k.split(".", 1)[0] in ("model", "schedule", "train")},
+                   sort_keys=True)
   if key not in _COMPILED:
     model, _ = build_model(config.model.architecture, config.model.config.to_dict())
     schedule = make_schedule(**config.schedule.to_dict())
@@ -141,36 +136,6 @@ def _compiled_functions(config):
 
     _COMPILED[key] = (initial_state, _make_train_step(model, tx, schedule, config))
   return _COMPILED[key]
-
-
-def _resumable(config_dict: dict) -> dict:
-  """The parts of a config that must match to resume: all but the step budget, logging cadence and
-  where the data lives. Normalized through JSON (the saved config comes back with lists for tuples)."""
-  result = json.loads(json.dumps(config_dict))
-  for key in ("num_steps", "log_every", "checkpoint_every", "stop_after_seconds", "init_from", "divergence_factor"):
-    result.get("train", {}).pop(key, None)
-  for key in ("data_dir", "archive", "source"):  # where the data lives (its hash is checked on load)
-    result.get("data", {}).pop(key, None)
-  result.pop("export_dir", None)
-  result.pop("sample", None)
-  return result
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f"{prefix}{key}."))
-    else:
-      out[f"{prefix}{key}"] = value
-  return out
-
-
-def changed_fields(saved_config: dict, config_dict: dict) -> list[str]:
-  """The resumable fields that differ, as "a.b: saved -> now" lines."""
-  old, new = _flat(_resumable(saved_config)), _flat(_resumable(config_dict))
-  return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}"
-          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
 
 
 def warm_start(state: dict, config, model_path: str) -> tuple[dict, dict]:
@@ -220,10 +185,12 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
   def check_saved_config(saved_config, step):
     # The config first: another architecture must be named field by field, not as an orbax tree mismatch.
     del step
-    if saved_config is not None and _resumable(saved_config) != _resumable(config_dict):
+    diffs = ([] if saved_config is None else
+             config_record.differences(saved_config, config_dict, config_record.TRAIN_FP_CHECKPOINT))
+    if diffs:
       raise checkpoint.CheckpointError(
           f"{workdir / 'checkpoints'} was written with a different config; these fields differ: "
-          f"{'; '.join(changed_fields(saved_config, config_dict))}. Use a new --workdir or the original config.")
+          f"{config_record.describe(diffs)}. Use a new --workdir or the original config.")
 
   # The newest checkpoint that reads (an unreadable one is named and set aside).
   restored = manager.restore_newest(target=state, check_config=check_saved_config)
@@ -348,30 +315,27 @@ def train_and_evaluate(config, workdir) -> dict[str, Any]:
 
 def main(argv):
   del argv
-  from msfp_jax import workdir_lock
   workdir = pathlib.Path(_WORKDIR.value)
-  if workdir.exists() and not workdir.is_dir():
-    raise SystemExit(f"error: --workdir={workdir} is a file, not a directory; give a directory (it is created "
-                     "when missing).")
+  try:
+    workdir_lib.check_workdir_path(workdir)
+  except app.UsageError as e:  # a file in the way
+    raise SystemExit(f"error: {e}") from None
   workdir.mkdir(parents=True, exist_ok=True)
   try:
     # One training per workdir: a second process fails at once, naming the holder (only process 0 locks).
-    with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
+    with lock.hold(workdir, enabled=jax.process_index() == 0):
       result = train_and_evaluate(_CONFIG.value, workdir)
-  except workdir_lock.WorkdirLockedError as e:
+  except lock.WorkdirLockedError as e:
     raise SystemExit(f"WorkdirLockedError: {e}") from None
   except guards.TrainingDivergedError as e:  # one line, no traceback (its message says what to change)
     raise SystemExit(f"TrainingDivergedError: {e}") from None
   print(result, flush=True)
 
 
-if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  from msfp_jax import cli
+if __name__ == "__main__":  # the flags are defined only when this is the program (see tests/test_imports.py)
   _CONFIG = config_flags.DEFINE_config_file(
       "config", None, "Training config file, e.g. configs/default_fp.py (a relative path that does not exist in the "
-      "current directory is taken relative to the repository).", lock_config=True)
+      "current directory is taken inside the package: msfp_jax/configs/default_fp.py).", lock_config=True)
   _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, the exported model.")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main, flags_parser=cli.parse_flags)  # bad flags, an unknown config field: one line, no traceback

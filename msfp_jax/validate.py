@@ -8,7 +8,15 @@ raises one ValueError naming every problem.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
+
+import jax
+
+from msfp_jax import parallel
+from msfp_jax.diffusion import losses
+from msfp_jax.evaluation import preprocess
+from msfp_jax.models.registry import MODEL_CONFIG_FILE
+from msfp_jax.train import finetune, pipeline
 
 
 class ConfigError(ValueError):
@@ -17,14 +25,6 @@ class ConfigError(ValueError):
 
 def validate_config(config) -> None:
   """Raises ConfigError naming every problem of `config` (a main-job config, e.g. configs/default.py)."""
-  import jax
-  from msfp_jax.diffusion import losses
-  from msfp_jax.eval import preprocess
-  from msfp_jax.models.registry import MODEL_CONFIG_FILE
-  from msfp_jax.train import finetune
-  from msfp_jax.train import pipeline
-  from msfp_jax.train import sharding
-
   problems: list[str] = []
 
   def check(section: str, fn: Callable[[], object]) -> None:
@@ -50,8 +50,8 @@ def validate_config(config) -> None:
 
   # The batches against the devices (fine-tuning shards its batch over the mesh; evaluation over local devices).
   def batch_fits_mesh():
-    mesh = sharding.mesh_from_config(int(config.mesh.data))
-    sharding.check_global_batch(int(f.batch_size), mesh)
+    mesh = parallel.mesh_from_config(int(config.mesh.data))
+    parallel.check_global_batch(int(f.batch_size), mesh)
   if isinstance(f.batch_size, int) and f.batch_size >= 1:
     check("finetune.batch_size", batch_fits_mesh)
 

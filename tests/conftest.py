@@ -1,12 +1,11 @@
-"""Test-wide setup.
+"""Test-wide setup: offline Hugging Face, quiet TensorFlow, the persistent JAX compilation cache, and the FID network.
 
-torch is imported before anything can import TensorFlow: with some torch builds, importing
-TensorFlow first segfaults (see the environment notes).
+torch is not imported here: only the tests that compare against PyTorch or diffusers import it (their own
+modules), so a test of quant/ or train/ starts without it. (With the pinned torch 2.13.0+cpu and
+tensorflow-cpu 2.21.0, importing TensorFlow before torch is fine; older torch builds segfaulted that way.)
 """
 import os
 import pathlib
-
-import torch  # noqa: F401  (import order matters, see the module docstring)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 

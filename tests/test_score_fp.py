@@ -5,8 +5,7 @@ import jax
 import numpy as np
 import pytest
 
-from msfp_jax import eval as eval_lib
-from msfp_jax import score_fp
+from msfp_jax import evaluation, score_fp
 from msfp_jax.models import build_model, save_converted
 
 
@@ -50,7 +49,7 @@ def test_scores_per_seed_with_mean_and_std_and_resumes(tmp_path, tiny_cifar_mode
   assert again["per_seed"] == summary["per_seed"] and not calls
 
   # Another sampler in the same workdir is refused, not mixed into the finished rounds.
-  with pytest.raises(eval_lib.EvalProtocolError, match="another protocol"):
+  with pytest.raises(evaluation.EvalProtocolError, match="another protocol"):
     score_fp.score(str(tiny_cifar_model), "builtin:cifar10-test", **{**args, "num_steps": 3})
 
 

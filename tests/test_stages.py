@@ -1,4 +1,7 @@
-"""The main job end to end on the tiny model: one full `--mode=all` run (module-scoped), then cheap reruns.
+"""The main job end to end on the tiny model, module-scoped: `--mode=finetune` on the command line, then the
+rest of the job in this process (`msfp_jax.run.run_job`, as flax's examples' train_test.py runs
+train_and_evaluate) on the same workdir, which must accept the command line's config record; then cheap reruns
+on the command line (which must find every stage of the in-process run current).
 
 References: the saved samples (sample MSE recomputed here with numpy), the packed file sampled again in this
 process against the fine-tuned samples the sample stage saved, PIL for the PNGs, and the real FID network
@@ -18,14 +21,10 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests" / "train"))
 import tiny_setup  # noqa: E402
 
-# Same tiny budgets as tests/test_main.py; evaluation is one round of 4 images per model.
-SMALL = ["--config.sampler.num_steps=4", "--config.calibration.num_samples=8", "--config.calibration.batch_size=8",
-         "--config.calibration.num_timesteps=2", "--config.lora.num_banks=2", "--config.lora.rank=2",
-         "--config.lora.router_embed_dim=8", "--config.lora.router_hidden_dim=8", "--config.finetune.batch_size=8",
-         "--config.finetune.log_every=1", "--config.finetune.num_steps=3", "--config.sample.num_images=4",
-         "--config.evaluation.num_samples=4", "--config.evaluation.batch_size=4"]
+FINETUNE_STEPS = 3
+SMALL = tiny_setup.tiny_flags(**{"finetune.num_steps": FINETUNE_STEPS})
 MODELS = ("fp", "ptq", "finetuned")
-NUM_BANKS = 2
+NUM_BANKS = tiny_setup.TINY_OVERRIDES["lora.num_banks"]
 PROTOCOL_KEYS = ("model_checkpoint_sha256", "sampler", "steps", "eta", "guidance", "seed", "pipeline",
                  "inception_weights_sha256", "reference_statistics_sha256")
 
@@ -51,8 +50,19 @@ def _write_reference_statistics(path: pathlib.Path) -> None:
   np.savez(path, mu=mu, sigma=sigma, mu_s=mu_s, sigma_s=sigma_s)
 
 
+def _in_process_config(model_dir, root, fid_torchscript_path, **overrides):
+  """The command line's config (SMALL over configs/default.py, the config's own learning rates), in this process."""
+  from msfp_jax.configs import default
+  rates = default.get_config().finetune.lr
+  return tiny_setup.tiny_config(model_dir, **{
+      **{key: rates[key.rsplit(".", 1)[1]] for key in tiny_setup.TINY_LEARNING_RATES},
+      "finetune.num_steps": FINETUNE_STEPS, "evaluation.reference": str(root / "reference_stats.npz"),
+      "evaluation.inception": str(fid_torchscript_path), **overrides})
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, fid_torchscript_path):
+  from msfp_jax import run as run_lib
   root = tmp_path_factory.mktemp("stages")
   model_dir = tiny_setup.write_tiny_model(root / "model")
   reference = root / "reference_stats.npz"
@@ -60,9 +70,18 @@ def run(tmp_path_factory, fid_torchscript_path):
   workdir = root / "run"
   common = ["--config=configs/default.py", f"--workdir={workdir}", f"--config.model.path={model_dir}", *SMALL,
             f"--config.evaluation.reference={reference}", f"--config.evaluation.inception={fid_torchscript_path}"]
-  out = _main(*common)
-  assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
-  return {"workdir": workdir, "common": common, "model_dir": model_dir, "root": root, "stdout": out.stdout}
+  # The fine-tuning mode alone first, on the command line (its contract: test_finetune_mode_contract); the whole
+  # job then runs in this process, finds calibration and fine-tuning done, and runs the rest.
+  finetuned = _main(*common, "--mode=finetune")
+  assert finetuned.returncode == 0, finetuned.stdout[-2000:] + finetuned.stderr[-4000:]
+  after_finetune = {"calibrated": (workdir / "calibration_summary.json").is_file(),
+                    "records": [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()],
+                    "sampled": (workdir / "samples").exists(),
+                    "mtimes": {name: (workdir / name).stat().st_mtime_ns
+                               for name in ("calibration_summary.json", "metrics.jsonl")}}
+  run_lib.run_job(_in_process_config(model_dir, root, fid_torchscript_path), workdir, "all")
+  return {"workdir": workdir, "common": common, "model_dir": model_dir, "root": root,
+          "after_finetune": after_finetune}
 
 
 def _json(path):
@@ -86,11 +105,23 @@ def test_report_scores_every_model(run):
   q = report["quantization"]
   assert (q["weight_bits"], q["act_bits"], q["lora_banks"]) == (4, 4, NUM_BANKS)
   assert q["num_quantized_layers"] > 0 and q["layer_format_counts"]
+  assert q["finetune_steps"] == FINETUNE_STEPS and report["stale"] == {}
   assert report["protocol"]["steps"] == 4 and report["protocol"]["model"] == str(run["model_dir"])
   markdown = (workdir / "report.md").read_text()
   for name in MODELS:
     assert f"| {name} |" in markdown
   assert "W4A4" in markdown
+
+
+def test_finetune_mode_contract(run):
+  """--mode=finetune on a workdir without calibration calibrates first, logs every step, and runs nothing else."""
+  after = run["after_finetune"]
+  assert after["calibrated"], "finetune must calibrate first when the workdir has none"
+  assert [r["step"] for r in after["records"]] == list(range(1, FINETUNE_STEPS + 1))
+  assert all("loss" in r for r in after["records"])
+  assert not after["sampled"], "--mode=finetune runs calibration and fine-tuning only"
+  assert {name: (run["workdir"] / name).stat().st_mtime_ns for name in after["mtimes"]} == after["mtimes"], \
+      "the whole job then skips what --mode=finetune did"
 
 
 def test_eval_results_carry_the_protocol(run):
@@ -120,8 +151,9 @@ def test_pngs_are_written(run):
 
 def test_packed_export_reproduces_the_finetuned_samples(run):
   import jax
-  from msfp_jax import stages
+
   from msfp_jax.quant import packed
+  from msfp_jax.run import export
   from msfp_jax.train import pipeline
 
   workdir = run["workdir"]
@@ -135,12 +167,12 @@ def test_packed_export_reproduces_the_finetuned_samples(run):
   loaded = packed.load_packed(path)
   assert len(loaded.variables_per_bank) == NUM_BANKS
   # Independently of the export stage: sampling from the file with the sample stage's noise gives the
-  # fine-tuned samples that stage saved (written by another process, from the fake-quantized model).
-  config = tiny_setup.tiny_config(run["model_dir"], **{"lora.num_banks": NUM_BANKS, "sample.num_images": 4})
+  # fine-tuned samples that stage saved (from the fake-quantized model).
+  config = tiny_setup.tiny_config(run["model_dir"])
   bundle = pipeline.load_model(config)
-  x_T, labels = pipeline.noise_batch(int(config.seed), stages.NOISE_SAMPLE, 0, 4, bundle.sample_shape,
+  x_T, labels = pipeline.noise_batch(int(config.seed), pipeline.NoisePurpose.SAMPLE, 0, 4, bundle.sample_shape,
                                      bundle.num_classes)
-  images = stages.sample_from_packed(loaded, bundle, pipeline.schedule_from(config), pipeline.sampler_from(config),
+  images = export.sample_from_packed(loaded, bundle, pipeline.schedule_from(config), pipeline.sampler_from(config),
                                      x_T, labels, jax.random.key(int(config.seed)))
   saved = np.load(workdir / "samples" / "finetuned.npz")["images"]
   np.testing.assert_allclose(np.clip(images, -1, 1), saved, atol=1e-5)
@@ -182,11 +214,8 @@ def _copy_run(run, tmp_path):
 
 
 def _config_of(run, fid_torchscript_path, **overrides):
-  """The module run's config, in this process (the fields its results depend on match the command line's)."""
-  return tiny_setup.tiny_config(run["model_dir"], **{
-      "lora.num_banks": NUM_BANKS, "finetune.num_steps": 3, "sample.num_images": 4, "evaluation.num_samples": 4,
-      "evaluation.batch_size": 4, "evaluation.reference": str(run["root"] / "reference_stats.npz"),
-      "evaluation.inception": str(fid_torchscript_path), **overrides})
+  """The module run's config, in this process."""
+  return _in_process_config(run["model_dir"], run["root"], fid_torchscript_path, **overrides)
 
 
 def test_extending_finetuning_recomputes_what_depends_on_it(run, tmp_path):
@@ -196,9 +225,13 @@ def test_extending_finetuning_recomputes_what_depends_on_it(run, tmp_path):
   unchanged = [workdir / "eval" / "fp" / "results.json", workdir / "eval" / "ptq" / "results.json",
                workdir / "samples" / "fp.npz", workdir / "samples" / "ptq.npz"]
   mtimes = {p: p.stat().st_mtime_ns for p in unchanged}
+  records_before = (workdir / "metrics.jsonl").read_text().splitlines()
   out = _main(*common, "--config.finetune.num_steps=4")
   assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
   assert "finetune_step 3 -> 4" in out.stdout, out.stdout[-3000:]
+  # A larger N resumes from the last checkpoint: the logged steps go on, each once (test_main's old contract).
+  records = (workdir / "metrics.jsonl").read_text().splitlines()
+  assert [json.loads(line)["step"] for line in records] == [1, 2, 3, 4] and records[:3] == records_before
   evals = _json(workdir / "eval_summary.json")
   assert before["eval"]["finetuned"]["inputs"]["finetune_step"] == 3
   assert evals["finetuned"]["inputs"]["finetune_step"] == 4
@@ -218,11 +251,11 @@ def test_extending_finetuning_recomputes_what_depends_on_it(run, tmp_path):
 
 
 def test_report_never_shows_scores_beside_another_protocol(run, tmp_path, fid_torchscript_path):
-  from msfp_jax import stages
+  from msfp_jax.run import report
   workdir, _ = _copy_run(run, tmp_path)
-  same = stages.run_report(_config_of(run, fid_torchscript_path), workdir)
+  same = report.run_report(_config_of(run, fid_torchscript_path), workdir)
   assert same["stale"] == {} and all(isinstance(same[name].get("fid"), float) for name in MODELS), same["stale"]
-  changed = stages.run_report(_config_of(run, fid_torchscript_path, **{"evaluation.num_samples": 6}), workdir)
+  changed = report.run_report(_config_of(run, fid_torchscript_path, **{"evaluation.num_samples": 6}), workdir)
   assert changed["protocol"]["eval_samples"] == 6
   for name in MODELS:
     assert "fid" not in changed[name] and "protocol" not in changed[name], changed[name]
@@ -235,8 +268,9 @@ def test_report_never_shows_scores_beside_another_protocol(run, tmp_path, fid_to
 
 
 def test_eval_recomputes_exactly_the_results_whose_inputs_changed(tmp_path, monkeypatch, capsys):
-  from msfp_jax import eval as eval_lib
-  from msfp_jax import stages
+  from msfp_jax import evaluation
+  from msfp_jax.run import evaluate
+  from msfp_jax.run import models as models_lib
   model_dir = tiny_setup.write_tiny_model(tmp_path / "model")
   inception = tmp_path / "inception.pt"
   inception.write_bytes(b"stands for the FID network")
@@ -248,17 +282,17 @@ def test_eval_recomputes_exactly_the_results_whose_inputs_changed(tmp_path, monk
     calls.append(name)
     (pathlib.Path(workdir) / "eval" / name / f"round_of_call_{len(calls)}").write_text("")
     return {"metrics": {"fid": float(len(calls))}, "protocol": {**protocol, "num_samples": num_samples}}
-  monkeypatch.setattr(eval_lib, "evaluate", fake_evaluate)
-  monkeypatch.setattr(eval_lib, "load_inception", lambda path: object())
-  monkeypatch.setattr(stages, "reference_statistics", lambda config, workdir, inception: (None, "reference"))
-  monkeypatch.setattr(stages.Models, "sample_fn", lambda self, name: None)
-  monkeypatch.setattr(stages.Models, "eval_labels", lambda self, num_samples, seed: None)  # unconditional
-  models = object.__new__(stages.Models)
+  monkeypatch.setattr(evaluation, "evaluate", fake_evaluate)
+  monkeypatch.setattr(evaluation, "load_inception", lambda path: object())
+  monkeypatch.setattr(evaluate, "reference_statistics", lambda config, workdir, inception: (None, "reference"))
+  monkeypatch.setattr(models_lib.Models, "sample_fn", lambda self, name: None)
+  monkeypatch.setattr(models_lib.Models, "eval_labels", lambda self, num_samples, seed: None)  # unconditional
+  models = object.__new__(models_lib.Models)
 
   def eval_with(**overrides):
     calls.clear()
     config = tiny_setup.tiny_config(model_dir, **{"evaluation.inception": str(inception), **overrides})
-    return stages.run_eval(config, workdir, models)
+    return evaluate.run_eval(config, workdir, models)
   eval_with(**{"evaluation.num_samples": 4})
   assert calls == list(MODELS)
   eval_with(**{"evaluation.num_samples": 4})
@@ -305,19 +339,19 @@ def _read_only(path: pathlib.Path):
 
 
 def test_unfinished_names_what_a_run_would_still_compute(run, tmp_path, fid_torchscript_path):
-  from msfp_jax import main, stages
+  from msfp_jax.run import report
   workdir, _ = _copy_run(run, tmp_path)
   config = _config_of(run, fid_torchscript_path)
   report_json = (workdir / "report.json").read_text()
-  assert main.unfinished(config, workdir, stages.run_report(config, workdir, write=False)) == []
+  assert report.unfinished(config, workdir, report.run_report(config, workdir, write=False)) == []
   longer = _config_of(run, fid_torchscript_path, **{"finetune.num_steps": 5})
-  assert main.unfinished(longer, workdir, stages.run_report(longer, workdir, write=False)) == [
+  assert report.unfinished(longer, workdir, report.run_report(longer, workdir, write=False)) == [
       "fine-tuned to step 3 of 5"]
   other = _config_of(run, fid_torchscript_path, **{"evaluation.num_samples": 6})
-  missing = main.unfinished(other, workdir, stages.run_report(other, workdir, write=False))
+  missing = report.unfinished(other, workdir, report.run_report(other, workdir, write=False))
   assert len(missing) == 3 and all("evaluation.num_samples 4 -> 6" in m for m in missing), missing
   (workdir / "export" / "summary.json").unlink()
-  assert main.unfinished(config, workdir, stages.run_report(config, workdir, write=False)) == ["no export"]
+  assert report.unfinished(config, workdir, report.run_report(config, workdir, write=False)) == ["no export"]
   assert (workdir / "report.json").read_text() == report_json, "run_report(write=False) writes nothing"
 
 

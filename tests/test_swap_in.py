@@ -1,6 +1,6 @@
 """The swap-in diagnostic on a calibrated run of the tiny model: every block costs something, shares add up.
 
-Its arithmetic is tested against a closed form in tests/eval/test_paired.py; here the command's wiring: the
+Its arithmetic is tested against a closed form in tests/evaluation/test_paired.py; here the command's wiring: the
 run's own PTQ model, the sampler's steps and gammas, the JSON and PNG it leaves.
 """
 import json
@@ -16,8 +16,7 @@ import tiny_setup  # noqa: E402
 
 def test_swap_in_blocks_cover_the_sampler_and_their_shares_add_up(tmp_path):
   from msfp_jax.diagnostics import swap_in
-  from msfp_jax.train import calibration
-  from msfp_jax.train import pipeline
+  from msfp_jax.train import calibration, pipeline
   model_dir = tiny_setup.write_tiny_model(tmp_path / "model")
   config = tiny_setup.tiny_config(model_dir)
   workdir = tmp_path / "run"

@@ -1,14 +1,18 @@
 """End to end: train_fp's runlocal variant for 2 steps, export, resume, bad resume."""
 import json
 import pathlib
+import sys
 
 import jax
 import numpy as np
 import pytest
 
-from configs import default_fp
 from msfp_jax import checkpoint, train_fp
+from msfp_jax.configs import cifar10_fp, default_fp
 from msfp_jax.models import load
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "train"))
+import fakes  # noqa: E402
 
 
 def runlocal(**train_overrides):
@@ -55,8 +59,6 @@ def test_runlocal_two_steps_end_to_end(tmp_path):
 
 
 def test_cifar10_from_the_fixture_archive_and_resume_refused_naming_the_fields(tmp_path):
-  from configs import cifar10_fp
-
   fixture = pathlib.Path(__file__).resolve().parent / "fixtures" / "cifar10-jpeg-mini.tar.xz"
   config = cifar10_fp.get_config("runlocal")
   config.data.archive = str(fixture)
@@ -123,9 +125,10 @@ def test_a_second_training_on_a_workdir_fails_naming_the_holder(tmp_path):
   import os
   import subprocess
   import sys
-  from msfp_jax import workdir_lock
+
+  from msfp_jax.run import lock
   repo = pathlib.Path(__file__).resolve().parents[1]
-  with workdir_lock.WorkdirLock(tmp_path):  # this process holds the workdir, as a running training would
+  with lock.WorkdirLock(tmp_path):  # this process holds the workdir, as a running training would
     out = subprocess.run([sys.executable, "-m", "msfp_jax.train_fp", "--config=configs/default_fp.py:runlocal",
                           f"--workdir={tmp_path}"], cwd=repo, capture_output=True, text=True, timeout=600,
                          env=dict(os.environ))
@@ -150,12 +153,9 @@ def test_divergence_stops_before_the_diverged_state_is_saved(tmp_path):
 
 def test_sigterm_saves_and_stops_and_a_kill_during_a_save_leaves_no_duplicate_metrics(tmp_path, monkeypatch,
                                                                                       capsys):
-  import os
   import signal
-  from msfp_jax import guards, metrics
 
-  class Killed(BaseException):
-    pass
+  from msfp_jax import guards, metrics
 
   def config_for(steps):
     config = runlocal(num_steps=steps, checkpoint_every=10)
@@ -164,18 +164,8 @@ def test_sigterm_saves_and_stops_and_a_kill_during_a_save_leaves_no_duplicate_me
     return config
 
   real_progress, real_save = metrics.progress, checkpoint.CheckpointManager.save
-
-  def signalling_progress(total, writer=None, **kw):
-    reporter = real_progress(total, writer, **kw)
-
-    class Signalling:
-      def report(self, step):
-        reporter.report(step)
-        if step == 1:
-          os.kill(os.getpid(), signal.SIGTERM)
-    return Signalling()
-
-  monkeypatch.setattr(train_fp.metrics, "progress", signalling_progress)
+  monkeypatch.setattr(train_fp.metrics, "progress",
+                      fakes.progress_with_fault(real_progress, 1, fault=fakes.send_sigterm))
   with pytest.raises(guards.TrainingInterrupted) as info:
     train_fp.train_and_evaluate(config_for(3), tmp_path / "run")
   assert info.value.code == 128 + signal.SIGTERM
@@ -183,13 +173,9 @@ def test_sigterm_saves_and_stops_and_a_kill_during_a_save_leaves_no_duplicate_me
   assert checkpoint.CheckpointManager(tmp_path / "run" / "checkpoints").all_steps() == [1]
   monkeypatch.setattr(train_fp.metrics, "progress", real_progress)
 
-  def dying_save(self, step, state, **kw):  # a kill inside the step-3 save, after step 3 was logged
-    if step == 3:
-      raise Killed()
-    return real_save(self, step, state, **kw)
-
-  monkeypatch.setattr(checkpoint.CheckpointManager, "save", dying_save)
-  with pytest.raises(Killed):
+  # A kill inside the step-3 save, after step 3 was logged.
+  monkeypatch.setattr(checkpoint.CheckpointManager, "save", fakes.save_with_fault(real_save, 3))
+  with pytest.raises(fakes.Killed):
     train_fp.train_and_evaluate(config_for(3), tmp_path / "run")
   monkeypatch.setattr(checkpoint.CheckpointManager, "save", real_save)
   steps = lambda: [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -2,7 +2,7 @@
 import importlib
 import sys
 
-BENCHMARKS = ("quant", "unet", "ldm", "inception", "finetune", "sample", "device")
+from msfp_jax.bench import BENCHMARKS, report
 
 
 def main(argv: list[str]) -> None:
@@ -10,7 +10,6 @@ def main(argv: list[str]) -> None:
     raise SystemExit(f"usage: python -m msfp_jax.bench {{{','.join(BENCHMARKS + ('all',))}}} [args]")
   name, rest = argv[0], argv[1:]
   if name == "all":
-    from msfp_jax.bench import report
     report.run_all(rest)
     return
   importlib.import_module(f"msfp_jax.bench.{name}").run(rest)

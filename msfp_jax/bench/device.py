@@ -25,12 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from msfp_jax import quant
+from msfp_jax.bench import finetune, inception, sample
+from msfp_jax.models import DDPMUNet, DDPMUNetConfig
+
 
 def check_fake_quant_not_identity(tiny: bool) -> dict:
   """Check 1 (see the module docstring); raises AssertionError when the device does not quantize."""
-  from msfp_jax import quant
-  from msfp_jax.models import DDPMUNet, DDPMUNetConfig
-
   fmt = quant.FPFormat.from_name("E2M1")
   x = np.random.RandomState(0).normal(size=(4096,)).astype(np.float32) * 2
   maxval = np.float32(6.0)
@@ -72,7 +73,6 @@ def run(argv: list[str] | None = None) -> dict:
   parser.add_argument("--tiny", action="store_true", help="tiny models (the CPU test of this script)")
   parser.add_argument("--out", default="", help="also write the results as JSON here")
   args = parser.parse_args(argv or [])
-  from msfp_jax.bench import finetune, inception, sample
 
   device = jax.devices()[0]
   result: dict = {"device": f"{device.platform} ({device.device_kind})", "jax": jax.__version__}

@@ -18,6 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from msfp_jax import diffusion, lora, models, parallel, quant
+from msfp_jax.train import finetune, optimizer, pipeline
+from msfp_jax.train.state import TrainState
+
 
 def _time(fn, repeats: int) -> float:
   jax.block_until_ready(fn())  # compile + warm up
@@ -38,8 +42,6 @@ def run(argv: list[str] | None = None) -> dict:
   parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args(argv or [])
 
-  from msfp_jax import diffusion, lora, models, quant
-  from msfp_jax.train import finetune, optimizer, pipeline, sharding
   unet = dict(resolution=args.resolution, ch=args.ch, ch_mult=(1, 2, 2), num_res_blocks=2,
               attn_resolutions=(args.resolution // 2,), dropout=0.0,
               num_groups=min(32, args.ch // 2))  # 32 groups as DDPM for ch >= 64; tiny models keep 2 per group
@@ -59,23 +61,22 @@ def run(argv: list[str] | None = None) -> dict:
   params = {"banks": talora["banks"], "router": talora["router"], "quant": jax.tree.map(jnp.asarray, qdict["arrays"])}
   tx = optimizer.make_optimizer(optimizer.OptimizerConfig(
       learning_rates={"lora": 1e-3, "router": 1e-3, "weight_scale": 1e-6, "act_quant": 5e-4}, num_steps=1000))
-  from msfp_jax.train.state import TrainState
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                      rng=jax.random.key_data(jax.random.key(0)))
   bundle = pipeline.ModelBundle(model=model, variables=variables, meta={}, sample_shape=tuple(x.shape[1:]),
                                 num_classes=0, null_label=-1, guidance_scale=1.0)
   schedule = diffusion.make_schedule()
   sampler = diffusion.SamplerConfig(num_steps=100)
-  loss_fn = finetune.make_loss_fn(bundle, qdict["metadata"], tcfg, weighting="abs",
-                                  normalizer=diffusion.gamma_normalizer(diffusion.noise_coefficients(schedule, sampler)),
+  normalizer = diffusion.gamma_normalizer(diffusion.noise_coefficients(schedule, sampler))
+  loss_fn = finetune.make_loss_fn(bundle, qdict["metadata"], tcfg, weighting="abs", normalizer=normalizer,
                                   balance_weight=0.0, all_timesteps=diffusion.sampling_timesteps(schedule, sampler))
-  mesh = sharding.mesh_from_config(1)
+  mesh = parallel.mesh_from_config(1)
   step = finetune.make_train_step(loss_fn, tx, mesh)
   xs = x[None]
   ts = jnp.asarray([500], jnp.int32)
   gammas = jnp.asarray([0.05], jnp.float32)
   labels = jnp.zeros((args.batch,), jnp.int32)
-  holder = {"state": sharding.replicate(state, mesh)}
+  holder = {"state": parallel.replicate(state, mesh)}
 
   def train_step():
     holder["state"], m = step(holder["state"], variables, xs, ts, gammas, jnp.int32(0), labels)

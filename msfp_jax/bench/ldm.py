@@ -12,6 +12,7 @@ Goal: Flax at least as fast (ratio torch/flax >= 1). Needs torch and diffusers (
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import time
 
@@ -19,8 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from msfp_jax import diffusion
 from msfp_jax.bench.timing import median_seconds as _median_seconds
-
+from msfp_jax.models.ldm_presets import PRESETS
+from msfp_jax.models.ldm_unet import LDMUNet, count_params, init_shapes
 
 
 def _random_params(shapes, seed: int):
@@ -47,18 +50,22 @@ def run(argv: list[str] | None = None) -> dict:
   parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
   parser.add_argument("--guidance-scale", type=float, default=3.0)
+  parser.add_argument("--tiny", action="store_true",
+                      help="the cin256-v2 structure at 32/64 channels on 8x8 latents (the script's own test)")
   args = parser.parse_args(argv or [])
 
+  # pylint: disable=g-import-not-at-top  (torch and diffusers: test dependencies, the reference side only)
   import torch
   from diffusers import UNet2DConditionModel
-
-  from msfp_jax import diffusion
-  from msfp_jax.models.ldm_presets import PRESETS
-  from msfp_jax.models.ldm_unet import LDMUNet, count_params, init_shapes
+  # pylint: enable=g-import-not-at-top
 
   preset = PRESETS["cin256-v2"]
   cfg = preset.unet
   batch, size, scale = args.batch, args.latent_size, args.guidance_scale
+  if args.tiny:
+    cfg = dataclasses.replace(cfg, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                              attention_resolutions=(1, 2), num_heads=2, context_dim=16)
+    size = 8
   null = preset.null_class
 
   # DDIM step t=951 -> t=901 of a 20-step run (the ImageNet protocol), coefficients from msfp_jax.diffusion.
@@ -118,7 +125,8 @@ def run(argv: list[str] | None = None) -> dict:
   torch_params = sum(p.numel() for p in torch_model.parameters())
 
   result = {
-      "model": "LDM-4 ImageNet (cin256-v2) UNet, random weights", "flax_parameters": num_params,
+      "model": f"LDM-4 ImageNet (cin256-v2{', tiny' if args.tiny else ''}) UNet, random weights",
+      "flax_parameters": num_params,
       "torch_parameters_unet_only": torch_params, "images_per_step": batch, "unet_rows": 2 * batch,
       "latent": f"{size}x{size}x3", "jax_backend": jax.default_backend(), "torch_threads": args.threads,
       "repeats": args.repeats, "flax_first_call_seconds_incl_compile": flax_first,

@@ -15,8 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msfp_jax.models.unet import DDPMUNet, preset
+from msfp_jax.models.unet import DDPMUNet, DDPMUNetConfig, preset
 from msfp_jax.quant import QuantConfig, calibrate, prequantize_weights, quantized_apply
+
+# --tiny: an 8x8 UNet of a few thousand parameters, for the benchmarks' smoke test (tests/bench).
+TINY_UNET = DDPMUNetConfig(resolution=8, in_channels=3, out_channels=3, ch=8, ch_mult=(1, 2), num_res_blocks=1,
+                           attn_resolutions=(4,), dropout=0.0, num_groups=2)
 
 
 def _parse(argv):
@@ -25,6 +29,7 @@ def _parse(argv):
   parser.add_argument("--repeats", type=int, default=10, help="timed forwards per variant")
   parser.add_argument("--calibration_batches", type=int, default=2, help="random calibration batches")
   parser.add_argument("--bits", type=int, default=4, help="weight and activation bits")
+  parser.add_argument("--tiny", action="store_true", help="a few-thousand-parameter UNet (the script's own test)")
   return parser.parse_args(argv)
 
 
@@ -37,9 +42,11 @@ def _time(fn, *args) -> float:
 def run(argv: list[str] | None = None) -> dict:
   """Runs the benchmark; prints a table and returns the numbers (seconds and the ratio)."""
   args = _parse(argv or [])
-  model = DDPMUNet(config=preset("cifar10"))
+  config = TINY_UNET if args.tiny else preset("cifar10")
+  model = DDPMUNet(config=config)
   rng = jax.random.key(0)
-  x = jax.random.normal(rng, (args.batch, 32, 32, 3))
+  size = config.resolution
+  x = jax.random.normal(rng, (args.batch, size, size, config.in_channels))
   t = jax.random.randint(jax.random.key(1), (args.batch,), 0, 1000)
   variables = jax.jit(model.init)(jax.random.key(2), x, t)
   num_params = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(variables["params"]))
@@ -63,7 +70,8 @@ def run(argv: list[str] | None = None) -> dict:
   fp_s, q_s = statistics.median(fp_times), statistics.median(q_times)
   error = float(jnp.sqrt(jnp.mean((q_forward(*q_args) - fp_forward(*fp_args)) ** 2)))
   result = {
-      "model": f"DDPM UNet CIFAR-10 ({num_params / 1e6:.1f}M params), batch {args.batch}, 32x32",
+      "model": f"DDPM UNet {'tiny' if args.tiny else 'CIFAR-10'} ({num_params / 1e6:.1f}M params), batch "
+               f"{args.batch}, {size}x{size}",
       "quantized_layers": len(qstate.layers),
       "fp_forward_s": fp_s,
       f"w{args.bits}a{args.bits}_forward_s": q_s,

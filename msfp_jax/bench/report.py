@@ -11,6 +11,8 @@ import traceback
 
 import jax
 
+from msfp_jax.bench import BENCHMARKS
+
 BENCHMARK_GOALS = {
     "quant": "W4A4 forward / FP forward <= 1.15x (weights quantized once)",
     "unet": "Flax forward at least as fast as diffusers (PyTorch)",
@@ -61,7 +63,6 @@ def format_section(name: str, result: dict | None, error: str | None) -> str:
 
 
 def run_all(argv: list[str] | None = None) -> dict:
-  from msfp_jax.bench.__main__ import BENCHMARKS
   names = [n for n in (argv or []) if not n.startswith("-")] or list(BENCHMARKS)
   sections, results = [], {}
   for name in names:

@@ -9,20 +9,19 @@ Goal: W4A4 / FP <= 1.10x.
 from __future__ import annotations
 
 import argparse
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msfp_jax import diffusion
-from msfp_jax import lora
-from msfp_jax import quant
-from msfp_jax.models import DDPMUNet, DDPMUNetConfig, preset
+from msfp_jax import diffusion, lora, quant
 from msfp_jax.bench.timing import median_seconds as _time
+from msfp_jax.models import DDPMUNet, DDPMUNetConfig, preset
+from msfp_jax.run.models import QuantizedSampler
 from msfp_jax.train import pipeline
 
 
 def run(argv: list[str] | None = None) -> dict:
-  from msfp_jax import stages
   parser = argparse.ArgumentParser(prog="python -m msfp_jax.bench sample")
   parser.add_argument("--batch", type=int, default=8)
   parser.add_argument("--steps", type=int, default=10)
@@ -52,12 +51,12 @@ def run(argv: list[str] | None = None) -> dict:
   sampler_config = diffusion.SamplerConfig(kind="ddim", num_steps=args.steps, eta=0.0)
   x_T = np.asarray(jax.random.normal(jax.random.key(2), x_example.shape))
 
-  ptq = stages.QuantizedSampler(bundle, qstate)
+  ptq = QuantizedSampler(bundle, qstate)
   talora_config = lora.TALoRAConfig(num_banks=4, rank=8, scale=1.0,
                                     router=lora.RouterConfig(num_banks=4, num_timesteps=1000))
   layers = quant.discover_layers(model, variables, x_example, t_example, config=quant.QuantConfig(rules=rules))
   talora_params = lora.init_talora(jax.random.key(3), layers, talora_config)
-  talora = stages.QuantizedSampler(bundle, qstate, talora_params, talora_config)
+  talora = QuantizedSampler(bundle, qstate, talora_params, talora_config)
   fp_apply = lambda x, t: model.apply(variables, x, t)  # noqa: E731
 
   def sampler(apply):
@@ -67,7 +66,8 @@ def run(argv: list[str] | None = None) -> dict:
              "w4a4_ptq": _time(sampler(ptq.apply), args.repeats),
              "w4a4_talora_k4": _time(sampler(talora.apply), args.repeats)}
   result = {
-      "model": "DDPM UNet " + ("tiny" if args.tiny else "small" if args.small else "CIFAR-10 configuration"), "parameters": num_params,
+      "model": "DDPM UNet " + ("tiny" if args.tiny else "small" if args.small else "CIFAR-10 configuration"),
+      "parameters": num_params,
       "batch": args.batch, "ddim_steps": args.steps,
       "fp_seconds_per_step": seconds["fp"] / args.steps,
       "w4a4_ptq_seconds_per_step": seconds["w4a4_ptq"] / args.steps,

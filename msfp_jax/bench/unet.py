@@ -16,7 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from msfp_jax import diffusion
 from msfp_jax.bench.timing import median_seconds as _median_seconds
+from msfp_jax.models.convert.diffusers_unet import convert_diffusers_state_dict, diffusers_config_to_ddpm
+from msfp_jax.models.unet import DDPMUNet
 
 # google/ddpm-cifar10-32's UNet2DModel configuration (docs/checkpoints.md).
 CIFAR10_DIFFUSERS_CONFIG = dict(
@@ -25,6 +28,11 @@ CIFAR10_DIFFUSERS_CONFIG = dict(
     up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"), block_out_channels=(128, 256, 256, 256),
     layers_per_block=2, mid_block_scale_factor=1, downsample_padding=0, act_fn="silu", attention_head_dim=None,
     norm_num_groups=32, norm_eps=1e-6, resnet_time_scale_shift="default", add_attention=True, dropout=0.1)
+# --tiny: the same structure at 8x8 with 16/32 channels, for the benchmarks' smoke test (tests/bench).
+TINY_DIFFUSERS_CONFIG = dict(
+    CIFAR10_DIFFUSERS_CONFIG, sample_size=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D"), block_out_channels=(16, 32), layers_per_block=1,
+    norm_num_groups=8)
 
 
 
@@ -35,18 +43,19 @@ def run(argv: list[str] | None = None) -> dict:
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch.set_num_threads")
   parser.add_argument("--ddim-steps", type=int, default=5, help="DDIM steps timed (0: skip the sampler)")
+  parser.add_argument("--tiny", action="store_true", help="an 8x8 UNet of 16/32 channels (the script's own test)")
   args = parser.parse_args(argv or [])
 
+  # pylint: disable=g-import-not-at-top  (torch and diffusers: test dependencies, the reference side only)
   import torch
   from diffusers import UNet2DModel
-
-  from msfp_jax.models.convert.diffusers_unet import convert_diffusers_state_dict, diffusers_config_to_ddpm
-  from msfp_jax.models.unet import DDPMUNet
+  # pylint: enable=g-import-not-at-top
 
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
-  torch_model = UNet2DModel(**CIFAR10_DIFFUSERS_CONFIG).eval()
-  config = diffusers_config_to_ddpm({"_class_name": "UNet2DModel", **CIFAR10_DIFFUSERS_CONFIG})
+  diffusers_config = TINY_DIFFUSERS_CONFIG if args.tiny else CIFAR10_DIFFUSERS_CONFIG
+  torch_model = UNet2DModel(**diffusers_config).eval()
+  config = diffusers_config_to_ddpm({"_class_name": "UNet2DModel", **diffusers_config})
   state_dict = {k: v.detach().numpy() for k, v in torch_model.state_dict().items()}
   params = convert_diffusers_state_dict(state_dict, config)
   model = DDPMUNet(config=config)
@@ -54,7 +63,8 @@ def run(argv: list[str] | None = None) -> dict:
   num_params = sum(int(np.size(v)) for v in jax.tree.leaves(params))
 
   rng = np.random.default_rng(0)
-  x = rng.standard_normal((args.batch, 32, 32, 3)).astype(np.float32)
+  size = diffusers_config["sample_size"]
+  x = rng.standard_normal((args.batch, size, size, 3)).astype(np.float32)
   t = rng.integers(0, 1000, size=args.batch).astype(np.int32)
   x_torch = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
   t_torch = torch.from_numpy(t).long()
@@ -76,25 +86,21 @@ def run(argv: list[str] | None = None) -> dict:
   rel_err = float(np.linalg.norm(out_flax - out_torch) / np.linalg.norm(out_torch))
 
   result = {
-      "model": "DDPM UNet, CIFAR-10 configuration", "parameters": num_params, "batch": args.batch,
+      "model": f"DDPM UNet, {'tiny' if args.tiny else 'CIFAR-10'} configuration", "parameters": num_params,
+      "batch": args.batch,
       "torch_threads": args.threads, "jax_backend": jax.default_backend(),
       "torch_forward_seconds": torch_s, "flax_forward_seconds": flax_s,
       "ratio_torch_vs_flax": torch_s / flax_s, "relative_difference": rel_err,
   }
   if args.ddim_steps > 0:
-    try:
-      from msfp_jax import diffusion
-    except ImportError as e:  # the sampler lives in another package; report rather than fail the forward numbers
-      print(f"(DDIM step timing skipped: {e})")
-    else:
-      schedule = diffusion.make_schedule("linear", 1000)
-      sampler_config = diffusion.SamplerConfig(kind="ddim", num_steps=args.ddim_steps, eta=0.0)
-      eps_fn = lambda xt, tt: model.apply(variables, xt, tt)  # noqa: E731
-      sample_s = _median_seconds(
-          lambda: jax.block_until_ready(diffusion.sample(eps_fn, x_jax, schedule, sampler_config)),
-          max(1, args.repeats // 2))
-      result.update({"ddim_steps": args.ddim_steps, "ddim_seconds_per_step": sample_s / args.ddim_steps,
-                     "ratio_ddim_step_vs_forward": sample_s / args.ddim_steps / flax_s})
+    schedule = diffusion.make_schedule("linear", 1000)
+    sampler_config = diffusion.SamplerConfig(kind="ddim", num_steps=args.ddim_steps, eta=0.0)
+    eps_fn = lambda xt, tt: model.apply(variables, xt, tt)  # noqa: E731
+    sample_s = _median_seconds(
+        lambda: jax.block_until_ready(diffusion.sample(eps_fn, x_jax, schedule, sampler_config)),
+        max(1, args.repeats // 2))
+    result.update({"ddim_steps": args.ddim_steps, "ddim_seconds_per_step": sample_s / args.ddim_steps,
+                   "ratio_ddim_step_vs_forward": sample_s / args.ddim_steps / flax_s})
 
   for key, value in result.items():
     print(f"{key:30s} {value:.4g}" if isinstance(value, float) else f"{key:30s} {value}")

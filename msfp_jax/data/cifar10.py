@@ -14,7 +14,6 @@ every load, so a dataset prepared from another archive is never served under thi
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import lzma
 import os
@@ -25,6 +24,10 @@ import zlib
 
 import numpy as np
 import tensorflow_datasets as tfds
+from PIL import Image
+
+from msfp_jax.checkpoint import file_sha256
+from msfp_jax.data.digits import default_data_dir
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SPLITS = ("train", "test")
@@ -38,14 +41,6 @@ ARCHIVE_DESCRIPTION = ("a tar archive (.tar, .tar.gz, .tar.xz) of CIFAR-10 as JP
 
 class Cifar10ArchiveError(ValueError):
   """The CIFAR-10 archive is missing, damaged, or not of the expected layout."""
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def check_archive_path(archive: str | os.PathLike) -> pathlib.Path:
@@ -69,8 +64,6 @@ def read_archive(archive: str | os.PathLike) -> dict[str, tuple[np.ndarray, np.n
   Images are in the order of their names (class, then file name), so the result is the same whatever the
   order of the tar members.
   """
-  from PIL import Image
-
   path = check_archive_path(archive)
   found: dict[str, list[tuple[str, int, np.ndarray]]] = {s: [] for s in SPLITS}
   others: list[str] = []
@@ -198,7 +191,6 @@ def load_cifar10(split: str, *, archive: str | os.PathLike | None = None,
   if source == "tfds" or (source == "auto" and not archive):
     return _tfds_cifar10_arrays(split, None if data_dir is None else str(data_dir))
   if data_dir is None:
-    from msfp_jax.data.digits import default_data_dir
     data_dir = default_data_dir()
   builder = prepare_jpeg_dataset(archive, data_dir)
   data = builder.as_data_source(split=split)

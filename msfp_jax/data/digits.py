@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import pathlib
 
+import jax
 import numpy as np
 import tensorflow_datasets as tfds
 
@@ -19,8 +20,7 @@ SPLIT_SEED = 0
 
 def upscaled_digits() -> tuple[np.ndarray, np.ndarray]:
   """All 1797 digits as float32 [N, 16, 16, 1] in [-1, 1] (bilinear, half-pixel centres) + labels."""
-  from sklearn.datasets import load_digits
-  import jax
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top  (scikit-learn: seconds to import)
   digits = load_digits()
   images = digits.images.astype(np.float32) / 16.0 * 2.0 - 1.0  # pixel values are 0..16
   up = jax.image.resize(images[..., None], (images.shape[0], IMAGE_SIZE, IMAGE_SIZE, 1), method="linear",

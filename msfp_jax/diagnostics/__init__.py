@@ -1,1 +1,3 @@
 """Diagnostics: scripts that explain a measurement (python -m msfp_jax.diagnostics.NAME)."""
+
+__all__ = ["device_agreement", "swap_in"]

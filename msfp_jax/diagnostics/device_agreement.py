@@ -37,13 +37,13 @@ import sys
 import time
 
 import numpy as np
-from absl import app
-from absl import flags
+from absl import app, flags
 from ml_collections import config_flags
 
-_REPO = pathlib.Path(__file__).resolve().parents[2]
-if str(_REPO) not in sys.path:  # configs/ lives beside msfp_jax/
-  sys.path.insert(0, str(_REPO))
+from msfp_jax import cli
+
+# The workers run in the checkout with it on PYTHONPATH, so they import this msfp_jax whatever the caller's cwd.
+_REPO = cli.REPO
 
 CALIBRATED = "calibrated"
 FORCED = "device_agreement_forced"  # the collection of `variables` that carries the forced activations
@@ -74,7 +74,9 @@ def _recorder(qstate, sink: dict, forced, top_type, record_inputs: bool):
   Recording x as well changes how XLA fuses (and so rounds) the step, enough to change which codes flip (on the
   built-in model it removed the one flip of the real step), so the free probe records only the codes, values the
   quantization interceptor computes anyway; its loss equals the real loop's (compare with --loss_steps)."""
+  # jax (and what imports it) is imported only in the workers, after the parent set their XLA_FLAGS (device count).
   import flax.linen as nn
+
   from msfp_jax import quant
   from msfp_jax.quant import interceptor as qi
   calls: dict[str, int] = {}
@@ -128,26 +130,23 @@ def _recorder(qstate, sink: dict, forced, top_type, record_inputs: bool):
 
 
 def _worker_calibrate(config, out: pathlib.Path) -> None:
+  # In the worker only, after its XLA_FLAGS are set (see _recorder).
   import jax
-  from msfp_jax.train import calibration
-  from msfp_jax.train import pipeline
+
+  from msfp_jax.train import calibration, pipeline
   assert jax.device_count() == 1, jax.devices()  # one calibration, whatever the device counts compared
   calibration.load_or_calibrate(config, out / CALIBRATED, bundle=pipeline.load_model(config))
 
 
 def _worker_run(config, out: pathlib.Path, n: int, reference: pathlib.Path | None, probe_step: int,
                 loss_steps: int) -> None:
+  # In the worker only, after its XLA_FLAGS are set (see _recorder).
   import jax
   import jax.numpy as jnp
-  from msfp_jax import diffusion
-  from msfp_jax import lora
-  from msfp_jax import quant
-  from msfp_jax.quant import interceptor as qi
-  from msfp_jax.train import calibration
-  from msfp_jax.train import finetune
+
+  from msfp_jax import diffusion, lora, parallel, quant
+  from msfp_jax.train import calibration, finetune, pipeline
   from msfp_jax.train import optimizer as optimizer_lib
-  from msfp_jax.train import pipeline
-  from msfp_jax.train import sharding
   from msfp_jax.train import state as state_lib
 
   if jax.device_count() != n:
@@ -158,9 +157,9 @@ def _worker_run(config, out: pathlib.Path, n: int, reference: pathlib.Path | Non
     calibration.load_or_calibrate(config, out / CALIBRATED, bundle=bundle)
   schedule = pipeline.schedule_from(config)
   sampler_config = pipeline.sampler_from(config)
-  mesh = sharding.mesh_from_config(int(config.mesh.data))
+  mesh = parallel.mesh_from_config(int(config.mesh.data))
   global_batch = int(f.batch_size)
-  sharding.check_global_batch(global_batch, mesh)
+  parallel.check_global_batch(global_batch, mesh)
   talora_config = pipeline.talora_config_from(config)
   qstate = calibration.load_calibration(out / CALIBRATED)
   quant_dict = qstate.to_dict()
@@ -207,20 +206,20 @@ def _worker_run(config, out: pathlib.Path, n: int, reference: pathlib.Path | Non
   n_per_traj, order_fn = finetune.visit_plan(config, sampler_config.num_steps)
   j, pos = divmod(probe_step - 1, n_per_traj)
   index = int(order_fn(j)[pos])
-  x_T, labels = pipeline.noise_batch(seed, pipeline.NOISE_FINETUNE, j, global_batch, bundle.sample_shape,
+  x_T, labels = pipeline.noise_batch(seed, pipeline.NoisePurpose.FINETUNE, j, global_batch, bundle.sample_shape,
                                      bundle.num_classes)
-  labels = sharding.host_local_to_global(np.zeros((global_batch,), np.int32) if labels is None else labels, mesh)
+  labels = parallel.host_local_to_global(np.zeros((global_batch,), np.int32) if labels is None else labels, mesh)
   teacher = pipeline.TeacherSampler(bundle, schedule, sampler_config, mesh=mesh)
-  traj = teacher(sharding.host_local_to_global(x_T, mesh), labels, jax.random.fold_in(root, j))
+  traj = teacher(parallel.host_local_to_global(x_T, mesh), labels, jax.random.fold_in(root, j))
   _log(f"{n} devices: teacher trajectory {j} done")
 
   def probe(xs, forced=None):
     variables = dict(bundle.variables)
     if forced is not None:
       variables[FORCED] = forced
-    new_state, metrics = train_step(sharding.replicate(state, mesh), sharding.replicate(variables, mesh), xs,
+    new_state, metrics = train_step(parallel.replicate(state, mesh), parallel.replicate(variables, mesh), xs,
                                     traj.ts, traj.gammas, jnp.asarray(index, jnp.int32), labels)
-    return sharding.to_host(new_state.params), sharding.to_host(metrics)
+    return parallel.to_host(new_state.params), parallel.to_host(metrics)
 
   updated, metrics = probe(traj.xs)
   _log(f"{n} devices: train step done (loss {float(metrics['loss']):.6f})")
@@ -237,17 +236,17 @@ def _worker_run(config, out: pathlib.Path, n: int, reference: pathlib.Path | Non
     t_batch = jnp.full((1,), traj.ts[index], jnp.int32)
     update = lora.make_kernel_update(params, talora_config, t_batch)
     q = quant.QuantState.from_dict({"metadata": meta, "arrays": params["quant"]})
-    return {path: quant.quantize_kernel(path, qi.params_at(variables["params"], path)["kernel"],
+    return {path: quant.quantize_kernel(path, quant.params_at(variables["params"], path)["kernel"],
                                         layer, update)
             for path, layer in q.layers.items() if not layer.is_matmul}
-  repl = sharding.replicated(mesh)
-  kernels = jax.jit(quantized_kernels, in_shardings=(repl, repl))(sharding.replicate(params, mesh),
-                                                                  sharding.replicate(bundle.variables, mesh))
-  result.update({f"weight_q/{path}": w for path, w in sharding.to_host(kernels).items()})
+  repl = parallel.replicated_sharding(mesh)
+  kernels = jax.jit(quantized_kernels, in_shardings=(repl, repl))(parallel.replicate(params, mesh),
+                                                                  parallel.replicate(bundle.variables, mesh))
+  result.update({f"weight_q/{path}": w for path, w in parallel.to_host(kernels).items()})
   if reference is not None:
     ref = np.load(reference)
     forced = {key: ref[f"act_q/{key}"] for key in orders[-1]}
-    _, forced_metrics = probe(sharding.host_local_to_global(ref["xs"], mesh, batch_axis=1), forced)
+    _, forced_metrics = probe(parallel.host_local_to_global(ref["xs"], mesh, batch_axis=1), forced)
     _log(f"{n} devices: forced train step done")
     rec = forced_metrics["record"]
     result["forced/loss"], result["forced/eps_student"] = forced_metrics["loss"], rec["model_out"][-1]
@@ -430,7 +429,7 @@ def run_all(argv: list[str], devices: list[int], out: pathlib.Path) -> list[dict
 def _define_flags() -> None:
   """Defined only when this module is the program: importing it (the tests do) must not claim --config, which
   msfp_jax.main also defines in the same process."""
-  config_flags.DEFINE_config_file("config", str(_REPO / "configs" / "default.py"),
+  config_flags.DEFINE_config_file("config", str(cli.CONFIGS / "default.py"),
                                   "Experiment config, FILE.py[:ARG] (default: the built-in model).")
   flags.DEFINE_list("devices", ["1", "8"], "Device counts to compare; the first is the reference.")
   flags.DEFINE_string("out", None, "Output directory (npz files, the calibrated workdir, the loop's runs).")
@@ -451,7 +450,7 @@ def main(argv):
   if FLAGS.worker:
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
     if cache:
-      import jax
+      import jax  # in the worker only, after its XLA_FLAGS are set
       jax.config.update("jax_compilation_cache_dir", cache)
     if FLAGS.worker == "calibrate":
       _worker_calibrate(FLAGS.config, out)
@@ -468,4 +467,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)  # --config=configs/NAME.py found in the package, as for main

@@ -4,7 +4,7 @@
       [--model=ptq|finetuned] [--block=10] [--num_images=64]
 
 Samples from fixed noise with the FP model, then again with the quantized model of WORKDIR (its calibration,
-or its fine-tuned checkpoint) swapped in for one block of steps at a time (eval.paired.swap_in_costs), and
+or its fine-tuned checkpoint) swapped in for one block of steps at a time (evaluation.paired.swap_in_costs), and
 writes WORKDIR/diagnostics/swap_in_<model>.json and .png: each block's share of the sample error beside the
 share of the loss weight |gamma_t|, gamma_t^2 and plain MSE put on it. The audit's method for DFA's weights.
 """
@@ -12,27 +12,23 @@ from __future__ import annotations
 
 import pathlib
 
-import jax
+from absl import app, flags
+from ml_collections import config_flags
 
-from msfp_jax import checkpoint
+from msfp_jax import checkpoint, cli, diffusion
+from msfp_jax.evaluation import paired
+from msfp_jax.run.models import Models, sampler_eps
 
 
 def run(config, workdir, model: str = "ptq", block: int = 10, num_images: int = 64) -> dict:
-  from msfp_jax import diffusion
-  from msfp_jax import stages
-  from msfp_jax.eval import paired
-  from msfp_jax.train import pipeline
   if model not in ("ptq", "finetuned"):
     raise ValueError(f"--model must be ptq or finetuned, got {model!r}.")
   if block < 1 or num_images < 1:
     raise ValueError(f"--block and --num_images must be positive, got {block} and {num_images}.")
   workdir = pathlib.Path(workdir)
-  models = stages.Models(config, workdir)
-  bundle = models.bundle
-  x_T, labels = pipeline.noise_batch(int(config.seed), stages.NOISE_SAMPLE, 0, num_images, bundle.sample_shape,
-                                     bundle.num_classes)
-  rng = jax.random.key(int(config.seed))
-  eps = {name: stages._sampler_eps(models.apply_fn(name), bundle, labels) for name in ("fp", model)}  # pylint: disable=protected-access
+  models = Models(config, workdir)
+  x_T, labels, rng = models.fixed_noise(num_images)
+  eps = {name: sampler_eps(models.apply_fn(name), models.bundle, labels) for name in ("fp", model)}
   ts = diffusion.sampling_timesteps(models.schedule, models.sampler_config)
   gammas = diffusion.noise_coefficients(models.schedule, models.sampler_config)
   costs = paired.swap_in_costs(
@@ -55,8 +51,6 @@ def run(config, workdir, model: str = "ptq", block: int = 10, num_images: int = 
 
 def main(argv):
   del argv
-  from absl import flags
-  from msfp_jax import cli
   FLAGS = flags.FLAGS
   try:
     run(FLAGS.config, FLAGS.workdir, FLAGS.model, FLAGS.block, FLAGS.num_images)
@@ -64,10 +58,7 @@ def main(argv):
     cli.fail(f"{type(e).__name__}: {e}")
 
 
-if __name__ == "__main__":
-  from absl import app, flags
-  from ml_collections import config_flags
-  from msfp_jax import cli
+if __name__ == "__main__":  # the flags are defined only when this is the program (see tests/test_imports.py)
   config_flags.DEFINE_config_file("config", None, "The run's config file (as given to msfp_jax.main).",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "The run's workdir (its calibration / fine-tuned checkpoint).")

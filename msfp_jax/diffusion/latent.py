@@ -6,9 +6,12 @@ unconditional passes batched together via `guided_eps_fn`) and decodes the laten
 as CompVis' `decode_first_stage` does: z / scale_factor, then (VQ) the codebook lookup, post_quant_conv
 and the decoder. Labels and the guidance scale are checked here, where their values are concrete.
 
-Typical use with a converted CompVis checkpoint:
+Typical use with a converted CompVis checkpoint (the models package loads it; this package knows nothing of
+the loader, only of the model_config it returns):
 
-    ldm = LatentDiffusion.load("checkpoints/ldm4_cin256_v2")
+    from msfp_jax import models
+    dst = "checkpoints/ldm4_cin256_v2"
+    ldm = LatentDiffusion.from_loaded(models.load(dst), models.load_first_stage(dst))
     labels = balanced_class_labels(ldm.num_classes, per_class=50, seed=0)[:8]
     images = ldm.generate(jax.random.key(0), SamplerConfig(num_steps=20, skip="ldm_uniform"),
                           labels=labels, guidance_scale=3.0)      # [8, 256, 256, 3] in [-1, 1]
@@ -19,8 +22,8 @@ import dataclasses
 import functools
 import math
 import numbers
-import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -151,7 +154,7 @@ def sample_latents(apply_fn: Callable, x_T, schedule: Schedule, sampler_config: 
 class LatentDiffusion:
   """A latent diffusion model: UNet, first stage, latent scale, conditioning and noise schedule.
 
-  Build it with `LatentDiffusion.load(dst)` from a directory written by the CompVis converter.
+  Build it with `LatentDiffusion.from_loaded(...)` from a loaded directory of the CompVis converter.
   """
   unet: Any
   unet_variables: Any
@@ -164,15 +167,21 @@ class LatentDiffusion:
   null_label: int | None = None
 
   @classmethod
-  def load(cls, dst: str | os.PathLike) -> "LatentDiffusion":
-    from msfp_jax.models import load
-    from msfp_jax.models.ldm_unet import load_first_stage
-    unet, unet_variables, meta = load(dst)
-    first_stage, fs_variables, fs_meta = load_first_stage(dst)
+  def from_loaded(cls, unet_loaded: tuple[Any, Any, dict], first_stage_loaded: tuple[Any, Any, dict]
+                  ) -> LatentDiffusion:
+    """From what msfp_jax.models.load(dst) and msfp_jax.models.load_first_stage(dst) return.
+
+    Args:
+      unet_loaded: (UNet module, its variables, the model_config dict), whose "schedule" (the noise schedule's
+        make_schedule arguments, recorded by the converter) and "conditioning" are read here.
+      first_stage_loaded: (autoencoder module, its variables, the first_stage dict with "scale_factor").
+    """
+    unet, unet_variables, meta = unet_loaded
+    first_stage, fs_variables, fs_meta = first_stage_loaded
     conditioning = meta.get("conditioning") or {"kind": "none"}
     s = meta.get("schedule") or {}
     if not s:
-      raise ValueError(f"{dst}/model_config.json has no 'schedule'; re-convert the checkpoint.")
+      raise ValueError("the model's model_config.json has no 'schedule'; re-convert the checkpoint.")
     schedule = make_schedule(s["kind"], s["num_timesteps"], s["beta_start"], s["beta_end"])
     latent_shape = tuple(unet.example_inputs(1)[0].shape[1:])
     conditional = conditioning.get("kind") == "class"

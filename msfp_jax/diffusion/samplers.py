@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import weakref
-from typing import Any, Callable, NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -172,7 +173,7 @@ def guided_eps_fn(eps_fn_with_labels, labels, null_label: int, guidance_scale: f
 
 
 # Compiled samplers, per eps function (weakly, so they die with it) and per static choice.
-_COMPILED: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_COMPILED: weakref.WeakKeyDictionary[Any, dict] = weakref.WeakKeyDictionary()
 _COMPILED_STRONG: dict = {}  # for eps functions that cannot be weakly referenced
 
 

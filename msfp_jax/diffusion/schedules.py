@@ -35,7 +35,7 @@ class Schedule:
     return 1.0 - self.betas
 
   @classmethod
-  def from_betas(cls, betas, kind: str = "custom") -> "Schedule":
+  def from_betas(cls, betas, kind: str = "custom") -> Schedule:
     """A schedule from explicit betas (each in (0, 1))."""
     betas = np.asarray(betas, dtype=np.float64)
     if betas.ndim != 1 or betas.size == 0:

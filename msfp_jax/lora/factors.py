@@ -15,7 +15,7 @@ Banks stack K such pairs on a leading axis: a [K, ..., r], b [K, r, out].
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -15,11 +15,11 @@ batch is at the same sampler step); `make_kernel_update` checks it whenever the 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.traverse_util
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from msfp_jax.lora import factors
@@ -112,20 +112,29 @@ def route_batch(router_params: Mapping, config: TALoRAConfig, t) -> jax.Array:
   return router_lib.route(router_params, config.router, t[:1])[0]
 
 
-def make_kernel_update(talora_params: Mapping, config: TALoRAConfig, t) -> KernelUpdate:
+def make_kernel_update(talora_params: Mapping, config: TALoRAConfig, t=None, *,
+                       bank: int | None = None) -> KernelUpdate:
   """The interceptor hook for one model call at timestep(s) t: kernel -> kernel + scale * sum_k w_k A_k B_k.
 
   Layers without a bank keep their kernel. With zero B (fresh banks) it returns the kernel unchanged, so the
-  model is exactly the post-training-quantized one.
+  model is exactly the post-training-quantized one. `bank` instead of `t`: bank `bank` for every call (w its
+  one-hot), its merged kernels W + scale * A_k B_k, which sampling and export compute once per bank.
   """
-  weights = route_batch(talora_params["router"], config, t)
+  if (t is None) == (bank is None):
+    raise ValueError("make_kernel_update takes the timesteps t of the call or a fixed bank, not both.")
+  if bank is None:
+    weights = route_batch(talora_params["router"], config, t)
+  elif 0 <= bank < config.num_banks:
+    weights = jax.nn.one_hot(bank, config.num_banks)
+  else:
+    raise ValueError(f"bank {bank} does not exist: the TALoRA config has {config.num_banks} banks.")
   banks = flat_banks(talora_params["banks"])
 
   def kernel_update(path: str, kernel: jax.Array) -> jax.Array:
-    bank = banks.get(path)
-    if bank is None:
+    layer_banks = banks.get(path)
+    if layer_banks is None:
       return kernel
-    delta = factors.mixed_lora_delta(bank, weights)
+    delta = factors.mixed_lora_delta(layer_banks, weights)
     if delta.shape != kernel.shape:
       raise LoRAAttachError(f"LoRA bank for {path!r} makes an update of shape {delta.shape}, but the layer's "
                             f"kernel has shape {kernel.shape}: the banks belong to a different model.")

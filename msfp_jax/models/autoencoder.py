@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from msfp_jax.models.attention import MatMul
+from msfp_jax.models.json_config import JSONConfig
 from msfp_jax.models.layers import group_norm
 
 NORM_EPS = 1e-6
@@ -30,7 +31,7 @@ ARCHITECTURES = ("vq_f4", "kl_f8")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class AutoencoderConfig:
+class AutoencoderConfig(JSONConfig):
   """CompVis `first_stage_config.params` (ddconfig fields plus embed_dim / n_embed).
 
   Attributes:
@@ -60,17 +61,6 @@ class AutoencoderConfig:
       if (self.ch * mult) % NUM_GROUPS:
         raise ValueError(f"every level width ch * mult must be a multiple of {NUM_GROUPS}; got "
                          f"{self.ch} * {mult}.")
-
-  @classmethod
-  def from_dict(cls, config: dict[str, Any]) -> "AutoencoderConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(config) - names)
-    if unknown:
-      raise ValueError(f"unknown AutoencoderConfig field(s) {unknown}; known: {sorted(names)}.")
-    return cls(**config)
-
-  def to_dict(self) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
   @property
   def downsampling_factor(self) -> int:
@@ -212,28 +202,37 @@ class VectorQuantizer(nn.Module):
     return jnp.argmin(d, axis=1).reshape(z.shape[:-1])
 
 
-class VQAutoencoder(nn.Module):
-  """VQ-f4 (CompVis VQModelInterface): encoder, quant_conv, quantize.embedding, post_quant_conv, decoder.
-
-  `apply(v, x)` reconstructs images; `apply(v, x, method="encode")` gives the pre-quantization latents
-  (what the diffusion model is trained on); `apply(v, z, method="decode")` snaps z to the codebook and
-  decodes, `apply(v, z, True, method="decode")` decodes without the lookup.
-  """
+class _FirstStage(nn.Module):
+  """What both first stages share: the config, the example input, and encoder -> quant_conv (1x1) to the
+  latents, post_quant_conv (1x1) -> decoder back."""
   config: AutoencoderConfig
 
   def example_inputs(self, batch_size: int = 1) -> tuple:
     f = self.config.downsampling_factor
     return (jnp.zeros((batch_size, f, f, self.config.in_channels), jnp.float32),)
 
+  def _setup_codec(self, latent_channels: int) -> None:
+    cfg = self.config
+    self.encoder = Encoder(cfg)
+    self.decoder = Decoder(cfg)
+    self.quant_conv = nn.Conv(latent_channels, (1, 1))
+    self.post_quant_conv = nn.Conv(cfg.z_channels, (1, 1))
+
+
+class VQAutoencoder(_FirstStage):
+  """VQ-f4 (CompVis VQModelInterface): encoder, quant_conv, quantize.embedding, post_quant_conv, decoder.
+
+  `apply(v, x)` reconstructs images; `apply(v, x, method="encode")` gives the pre-quantization latents
+  (what the diffusion model is trained on); `apply(v, z, method="decode")` snaps z to the codebook and
+  decodes, `apply(v, z, True, method="decode")` decodes without the lookup.
+  """
+
   def setup(self):
     cfg = self.config
     if cfg.n_embed is None:
       raise ValueError("a VQ autoencoder needs n_embed (the codebook size).")
-    self.encoder = Encoder(cfg)
-    self.decoder = Decoder(cfg)
-    self.quant_conv = nn.Conv(cfg.embed_dim, (1, 1))
+    self._setup_codec(latent_channels=cfg.embed_dim)
     self.quantize = VectorQuantizer(cfg.n_embed, cfg.embed_dim)
-    self.post_quant_conv = nn.Conv(cfg.z_channels, (1, 1))
 
   def encode(self, x):
     return self.quant_conv(self.encoder(x))
@@ -247,27 +246,19 @@ class VQAutoencoder(nn.Module):
     return self.decode(self.encode(x))
 
 
-class KLAutoencoder(nn.Module):
+class KLAutoencoder(_FirstStage):
   """KL-f8 (CompVis AutoencoderKL): encoder (mean, log-variance), quant_conv, post_quant_conv, decoder.
 
   `apply(v, x, method="encode")` -> (mean, logvar) with logvar clamped to [-30, 20] as
   DiagonalGaussianDistribution does; `apply(v, z, method="decode")` decodes; `apply(v, x)`
   reconstructs from the mean.
   """
-  config: AutoencoderConfig
-
-  def example_inputs(self, batch_size: int = 1) -> tuple:
-    f = self.config.downsampling_factor
-    return (jnp.zeros((batch_size, f, f, self.config.in_channels), jnp.float32),)
 
   def setup(self):
     cfg = self.config
     if not cfg.double_z:
       raise ValueError("a KL autoencoder needs double_z=True (the encoder gives mean and log-variance).")
-    self.encoder = Encoder(cfg)
-    self.decoder = Decoder(cfg)
-    self.quant_conv = nn.Conv(2 * cfg.embed_dim, (1, 1))
-    self.post_quant_conv = nn.Conv(cfg.z_channels, (1, 1))
+    self._setup_codec(latent_channels=2 * cfg.embed_dim)  # mean and log-variance
 
   def encode(self, x):
     moments = self.quant_conv(self.encoder(x))

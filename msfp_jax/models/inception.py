@@ -3,7 +3,7 @@
 Module names follow pytorch-fid's weight keys (`Conv2d_1a_3x3`, ..., `Mixed_7c`, `fc`; inside a block
 `branch1x1`, `branch5x5_1`, ...; inside each conv `conv` and `bn`), so a pytorch-fid state dict maps onto
 the params tree by renaming leaves only. Weights are never injected through initializers: build the
-tree with `msfp_jax.eval.inception_weights.load_inception`, which checks every leaf's shape against
+tree with `msfp_jax.evaluation.inception_weights.load_inception`, which checks every leaf's shape against
 `model.init`.
 
 This is the FID variant of torchvision's Inception-v3, not the stock one:
@@ -13,7 +13,7 @@ This is the FID variant of torchvision's Inception-v3, not the stock one:
   * BatchNorm epsilon 1e-3; convolutions have no bias; the fc layer (1008 classes) is used without its bias
     for the Inception Score, as in the original TF code (logits = pool3 @ W).
 
-Input: NHWC float32, 299x299, values in [-1, 1] (see msfp_jax.eval.preprocess for the pipelines).
+Input: NHWC float32, 299x299, values in [-1, 1] (see msfp_jax.evaluation.preprocess for the pipelines).
 Output: a dict with
   "pool3"   [B, 2048]  the FID features,
   "spatial" [B, 2023]  the sFID features: Mixed_6d.branch1x1 after BN+ReLU, channels 0..6, 17x17, HWC order,
@@ -21,8 +21,8 @@ Output: a dict with
 """
 from __future__ import annotations
 
-import functools
-from typing import Sequence
+import dataclasses
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
@@ -93,8 +93,6 @@ class BasicConv2d(nn.Module):
   strides: int = 1
   padding: Padding = "VALID"
   precision: str = "highest"
-  folded: bool = False
-
   folded: bool = False  # batch norm folded into the conv's kernel and a bias (fold_batch_norm)
 
   @nn.compact
@@ -111,6 +109,23 @@ def _pad(kh: int, kw: int) -> list[tuple[int, int]]:
   return [(kh // 2, kh // 2), (kw // 2, kw // 2)]
 
 
+class _Block(nn.Module):
+  """The attributes every Mixed block hands to its convs (keyword-only, after the block's own)."""
+  _: dataclasses.KW_ONLY
+  precision: str = "highest"
+  folded: bool = False
+
+
+def _branch(block: _Block, x, *layers: tuple):
+  """`x` through the BasicConv2d layers of `block`, one after another: each (features, kernel size, name) or
+  (features, kernel size, name, 2). Stride 1 pads to keep the spatial size, stride 2 does not pad (VALID)."""
+  for features, kernel_size, name, *strides in layers:
+    stride = strides[0] if strides else 1
+    x = BasicConv2d(features, kernel_size, strides=stride, padding=_pad(*kernel_size) if stride == 1 else "VALID",
+                    precision=block.precision, folded=block.folded, name=name)(x)
+  return x
+
+
 def _avg_pool_3x3_same(x):
   # count_include_pad=False: border windows average only the pixels inside the image (TF SAME pooling).
   return nn.avg_pool(x, (3, 3), strides=(1, 1), padding=((1, 1), (1, 1)), count_include_pad=False)
@@ -124,100 +139,71 @@ def _max_pool_3x3_stride2(x):
   return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
 
 
-class FIDInceptionA(nn.Module):
+class FIDInceptionA(_Block):
   pool_features: int
-  precision: str = "highest"
-  folded: bool = False
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda f, k, name: BasicConv2d(f, k, padding=_pad(*k), precision=self.precision, folded=self.folded,
-                                          name=name)
-    b1 = conv(64, (1, 1), "branch1x1")(x)
-    b5 = conv(48, (1, 1), "branch5x5_1")(x)
-    b5 = conv(64, (5, 5), "branch5x5_2")(b5)
-    b3 = conv(64, (1, 1), "branch3x3dbl_1")(x)
-    b3 = conv(96, (3, 3), "branch3x3dbl_2")(b3)
-    b3 = conv(96, (3, 3), "branch3x3dbl_3")(b3)
-    bp = conv(self.pool_features, (1, 1), "branch_pool")(_avg_pool_3x3_same(x))
+    b1 = _branch(self, x, (64, (1, 1), "branch1x1"))
+    b5 = _branch(self, x, (48, (1, 1), "branch5x5_1"), (64, (5, 5), "branch5x5_2"))
+    b3 = _branch(self, x, (64, (1, 1), "branch3x3dbl_1"), (96, (3, 3), "branch3x3dbl_2"),
+                 (96, (3, 3), "branch3x3dbl_3"))
+    bp = _branch(self, _avg_pool_3x3_same(x), (self.pool_features, (1, 1), "branch_pool"))
     return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
 
-class InceptionB(nn.Module):
-  precision: str = "highest"
-  folded: bool = False
+class InceptionB(_Block):
+  """Mixed_6a: the 35x35 -> 17x17 grid reduction."""
 
   @nn.compact
   def __call__(self, x):
-    conv = functools.partial(BasicConv2d, precision=self.precision, folded=self.folded)
-    b3 = conv(384, (3, 3), strides=2, name="branch3x3")(x)
-    bd = conv(64, (1, 1), name="branch3x3dbl_1")(x)
-    bd = conv(96, (3, 3), padding=_pad(3, 3), name="branch3x3dbl_2")(bd)
-    bd = conv(96, (3, 3), strides=2, name="branch3x3dbl_3")(bd)
+    b3 = _branch(self, x, (384, (3, 3), "branch3x3", 2))
+    bd = _branch(self, x, (64, (1, 1), "branch3x3dbl_1"), (96, (3, 3), "branch3x3dbl_2"),
+                 (96, (3, 3), "branch3x3dbl_3", 2))
     return jnp.concatenate([b3, bd, _max_pool_3x3_stride2(x)], axis=-1)
 
 
-class FIDInceptionC(nn.Module):
+class FIDInceptionC(_Block):
   """Returns (output, branch1x1 output); the latter gives the sFID features at Mixed_6d."""
   channels_7x7: int
-  precision: str = "highest"
-  folded: bool = False
 
   @nn.compact
   def __call__(self, x):
     c7 = self.channels_7x7
-    conv = lambda f, k, name: BasicConv2d(f, k, padding=_pad(*k), precision=self.precision, folded=self.folded,
-                                          name=name)
-    b1 = conv(192, (1, 1), "branch1x1")(x)
-    b7 = conv(c7, (1, 1), "branch7x7_1")(x)
-    b7 = conv(c7, (1, 7), "branch7x7_2")(b7)
-    b7 = conv(192, (7, 1), "branch7x7_3")(b7)
-    bd = conv(c7, (1, 1), "branch7x7dbl_1")(x)
-    bd = conv(c7, (7, 1), "branch7x7dbl_2")(bd)
-    bd = conv(c7, (1, 7), "branch7x7dbl_3")(bd)
-    bd = conv(c7, (7, 1), "branch7x7dbl_4")(bd)
-    bd = conv(192, (1, 7), "branch7x7dbl_5")(bd)
-    bp = conv(192, (1, 1), "branch_pool")(_avg_pool_3x3_same(x))
+    b1 = _branch(self, x, (192, (1, 1), "branch1x1"))
+    b7 = _branch(self, x, (c7, (1, 1), "branch7x7_1"), (c7, (1, 7), "branch7x7_2"), (192, (7, 1), "branch7x7_3"))
+    bd = _branch(self, x, (c7, (1, 1), "branch7x7dbl_1"), (c7, (7, 1), "branch7x7dbl_2"),
+                 (c7, (1, 7), "branch7x7dbl_3"), (c7, (7, 1), "branch7x7dbl_4"), (192, (1, 7), "branch7x7dbl_5"))
+    bp = _branch(self, _avg_pool_3x3_same(x), (192, (1, 1), "branch_pool"))
     return jnp.concatenate([b1, b7, bd, bp], axis=-1), b1
 
 
-class InceptionD(nn.Module):
-  precision: str = "highest"
-  folded: bool = False
+class InceptionD(_Block):
+  """Mixed_7a: the 17x17 -> 8x8 grid reduction."""
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda f, k, name, s=1: BasicConv2d(
-        f, k, strides=s, padding=_pad(*k) if s == 1 else "VALID", precision=self.precision, folded=self.folded,
-        name=name)
-    b3 = conv(192, (1, 1), "branch3x3_1")(x)
-    b3 = conv(320, (3, 3), "branch3x3_2", 2)(b3)
-    b7 = conv(192, (1, 1), "branch7x7x3_1")(x)
-    b7 = conv(192, (1, 7), "branch7x7x3_2")(b7)
-    b7 = conv(192, (7, 1), "branch7x7x3_3")(b7)
-    b7 = conv(192, (3, 3), "branch7x7x3_4", 2)(b7)
+    b3 = _branch(self, x, (192, (1, 1), "branch3x3_1"), (320, (3, 3), "branch3x3_2", 2))
+    b7 = _branch(self, x, (192, (1, 1), "branch7x7x3_1"), (192, (1, 7), "branch7x7x3_2"),
+                 (192, (7, 1), "branch7x7x3_3"), (192, (3, 3), "branch7x7x3_4", 2))
     return jnp.concatenate([b3, b7, _max_pool_3x3_stride2(x)], axis=-1)
 
 
-class FIDInceptionE(nn.Module):
+class FIDInceptionE(_Block):
   """FIDInceptionE_1 (pool="avg", Mixed_7b) and FIDInceptionE_2 (pool="max", Mixed_7c)."""
   pool: str
-  precision: str = "highest"
-  folded: bool = False
 
   @nn.compact
   def __call__(self, x):
-    conv = lambda f, k, name: BasicConv2d(f, k, padding=_pad(*k), precision=self.precision, folded=self.folded,
-                                          name=name)
-    b1 = conv(320, (1, 1), "branch1x1")(x)
-    b3 = conv(384, (1, 1), "branch3x3_1")(x)
-    b3 = jnp.concatenate([conv(384, (1, 3), "branch3x3_2a")(b3), conv(384, (3, 1), "branch3x3_2b")(b3)], axis=-1)
-    bd = conv(448, (1, 1), "branch3x3dbl_1")(x)
-    bd = conv(384, (3, 3), "branch3x3dbl_2")(bd)
-    bd = jnp.concatenate([conv(384, (1, 3), "branch3x3dbl_3a")(bd), conv(384, (3, 1), "branch3x3dbl_3b")(bd)],
-                         axis=-1)
+    b1 = _branch(self, x, (320, (1, 1), "branch1x1"))
+    b3 = _branch(self, x, (384, (1, 1), "branch3x3_1"))
+    b3 = jnp.concatenate([_branch(self, b3, (384, (1, 3), "branch3x3_2a")),
+                          _branch(self, b3, (384, (3, 1), "branch3x3_2b"))], axis=-1)
+    bd = _branch(self, x, (448, (1, 1), "branch3x3dbl_1"), (384, (3, 3), "branch3x3dbl_2"))
+    bd = jnp.concatenate([_branch(self, bd, (384, (1, 3), "branch3x3dbl_3a")),
+                          _branch(self, bd, (384, (3, 1), "branch3x3dbl_3b"))], axis=-1)
     pooled = _avg_pool_3x3_same(x) if self.pool == "avg" else _max_pool_3x3_same(x)
-    bp = conv(192, (1, 1), "branch_pool")(pooled)
+    bp = _branch(self, pooled, (192, (1, 1), "branch_pool"))
     return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
@@ -231,7 +217,7 @@ class FIDInceptionV3(nn.Module):
   def __call__(self, x) -> dict[str, jax.Array]:
     if x.ndim != 4 or x.shape[1:] != (INPUT_SIZE, INPUT_SIZE, 3):
       raise ValueError(f"FIDInceptionV3 expects NHWC images of shape [B, 299, 299, 3]; got {x.shape}. "
-                       "Resize with msfp_jax.eval.preprocess first.")
+                       "Resize with msfp_jax.evaluation.preprocess first.")
     p = self.precision
     x = BasicConv2d(32, (3, 3), strides=2, precision=p, folded=self.folded, name="Conv2d_1a_3x3")(x)
     x = BasicConv2d(32, (3, 3), precision=p, folded=self.folded, name="Conv2d_2a_3x3")(x)

@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from msfp_jax.models import autoencoder
 from msfp_jax.models.attention import MatMul
+from msfp_jax.models.json_config import JSONConfig
 from msfp_jax.models.layers import Concat, group_norm, timestep_embedding
+from msfp_jax.models.registry import build_model, load_extra_tree, read_model_config
+from msfp_jax.models.tree_check import raise_on_tree_mismatch
 
 # GroupNorm epsilons of openaimodel: `normalization()` (ResBlocks, AttentionBlock, out) uses torch's
 # default 1e-5; the SpatialTransformer's `Normalize()` uses 1e-6.
@@ -47,7 +51,7 @@ def _as_int_tuple(value, name: str) -> tuple[int, ...]:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class LDMUNetConfig:
+class LDMUNetConfig(JSONConfig):
   """Architecture of an openaimodel UNet; field names and meanings follow the CompVis YAML
   (`model.params.unet_config.params`).
 
@@ -113,18 +117,6 @@ class LDMUNetConfig:
     if self.context_classes is not None and not self.use_spatial_transformer:
       raise ValueError("context_classes (a class embedding fed as cross-attention context) needs "
                        "use_spatial_transformer=True.")
-
-  @classmethod
-  def from_dict(cls, config: dict[str, Any]) -> "LDMUNetConfig":
-    """From a JSON-style dict (lists for tuples); unknown keys are an error."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(config) - names)
-    if unknown:
-      raise ValueError(f"unknown LDMUNetConfig field(s) {unknown}; known: {sorted(names)}.")
-    return cls(**config)
-
-  def to_dict(self) -> dict[str, Any]:
-    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(self).items()}
 
   @property
   def time_embed_dim(self) -> int:
@@ -471,20 +463,13 @@ def load_first_stage(dst):
   Returns (model, {"params": ...}, first_stage dict) where the dict holds "architecture" ("vq_f4" /
   "kl_f8"), "config" and "scale_factor" (latents are divided by it before decoding).
   """
-  import importlib
-
-  from msfp_jax.models import autoencoder
-  from msfp_jax.models.convert.common import raise_on_tree_mismatch
-  # The module (msfp_jax.models re-exports a function of the same name).
-  registry = importlib.import_module("msfp_jax.models.registry")
-
-  meta = registry._read_model_config(dst)  # the registry's own reader: same errors as models.load
+  meta = read_model_config(dst)  # the registry's own reader: same errors as models.load
   first_stage = meta.get("first_stage")
   if not isinstance(first_stage, dict) or "architecture" not in first_stage:
     raise ValueError(f"{dst} holds no first-stage autoencoder (model_config.json has no 'first_stage'); "
                      "convert a CompVis latent-diffusion checkpoint into it.")
-  model, cfg = registry.build_model(first_stage["architecture"], first_stage["config"])
-  params = registry.load_extra_tree(dst, "first_stage_params")
+  model, cfg = build_model(first_stage["architecture"], first_stage["config"])
+  params = load_extra_tree(dst, "first_stage_params")
   raise_on_tree_mismatch(autoencoder.init_shapes(first_stage["architecture"], cfg)["params"], params,
                          what="first-stage parameters")
   return model, {"params": jax.tree.map(jnp.asarray, params)}, first_stage

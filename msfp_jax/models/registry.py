@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from msfp_jax import checkpoint
+from msfp_jax.models.tree_check import raise_on_tree_mismatch
 
 
 class UnknownArchitectureError(ValueError):
@@ -59,7 +60,7 @@ def register(name: str, *, module: str, config_class: str, model_class: str, ove
   _REGISTRY[name] = ModelEntry(module=module, config_class=config_class, model_class=model_class)
 
 
-def registry() -> dict[str, ModelEntry]:
+def registered_architectures() -> dict[str, ModelEntry]:
   """A copy of the registry: architecture name -> ModelEntry."""
   return dict(_REGISTRY)
 
@@ -168,9 +169,6 @@ def save_converted(dst, architecture: str, config: dict | Any, params: Any, *,
   architecture's shapes first (when the model has `example_inputs`), so a directory that `load` would reject
   is never written.
   """
-  # Imported here: msfp_jax.models.convert imports this module.
-  from msfp_jax.models.convert.common import raise_on_tree_mismatch
-
 
   model, cfg = build_model(architecture, config)
   if hasattr(model, "example_inputs"):
@@ -195,7 +193,8 @@ def save_converted(dst, architecture: str, config: dict | Any, params: Any, *,
       "extra_trees": sorted(extra_trees), **extra_config})
 
 
-def _read_model_config(dst) -> dict:
+def read_model_config(dst) -> dict:
+  """The model_config.json of a converted-model directory (or built-in name), checked for its two keys."""
   dst = resolve_model_path(dst)
   if not dst.exists():
     raise FileNotFoundError(f"No converted model at {dst}. Convert a checkpoint first: "
@@ -217,7 +216,7 @@ def load(dst) -> tuple[nn.Module, dict, dict]:
 
   The parameter shapes are checked against the architecture (when the model has `example_inputs`).
   """
-  meta = _read_model_config(dst)
+  meta = read_model_config(dst)
   model, _ = build_model(meta["architecture"], meta["config"])
   target = abstract_params(model) if hasattr(model, "example_inputs") else None
   params = checkpoint.load_tree(resolve_model_path(dst) / PARAMS_DIR, target)
@@ -226,7 +225,7 @@ def load(dst) -> tuple[nn.Module, dict, dict]:
 
 def load_extra_tree(dst, name: str) -> Any:
   """Loads one of the `extra_trees` saved beside the parameters (numpy leaves)."""
-  meta = _read_model_config(dst)
+  meta = read_model_config(dst)
   if name not in meta.get("extra_trees", []):
     raise KeyError(f"{dst} has no extra tree {name!r}; it has {meta.get('extra_trees', [])}.")
   return checkpoint.load_tree(resolve_model_path(dst) / name)

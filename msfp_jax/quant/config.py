@@ -1,15 +1,14 @@
-"""Quantization configuration and the errors of the quantization package.
+"""Quantization configuration: the QuantConfig, its per-layer QuantRule, and the errors of the package.
 
 Every choice method.md marks as "our choice" is a field here, so a user who has the paper's exact value can
-set it.
+set it. The rule lives beside the config that holds it (as qwix's qconfig.py keeps its rules), so the config
+can check its rules without importing the module that applies them (msfp_jax.quant.rules).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # rules.py imports this module for the error classes.
-  from msfp_jax.quant.rules import QuantRule
+import re
+from collections.abc import Mapping
 
 
 class QuantizationError(ValueError):
@@ -34,6 +33,67 @@ class QuantStateMismatchError(QuantizationError):
 
 KINDS = ("fp", "int")
 SIGN_MODES = ("search", "signed", "unsigned")
+# Module types quantized when no rule says otherwise (weights and input activation).
+DEFAULT_MODULE_TYPES = ("Conv", "Dense")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantRule:
+  """One layer-selection rule; the first rule that matches a module decides for it."""
+
+  # Regular expression that must fully match the module path ('/'-joined Flax module names).
+  path: str = ".*"
+  # Module type names the rule applies to (matched against every class name in the module type's MRO).
+  # Add "MatMul" (path e.g. ".*_matmul") to quantize the attention matmuls, which are off by default.
+  module_types: tuple[str, ...] = DEFAULT_MODULE_TYPES
+  # Bits of the weight quantizer for the matched layers; None: QuantConfig.weight_bits.
+  weight_bits: int | None = None
+  # Bits of the activation quantizer(s) for the matched layers; None: QuantConfig.act_bits.
+  act_bits: int | None = None
+  # True: the matched layers stay in full precision (neither weights nor inputs are quantized).
+  keep_fp: bool = False
+  # Overrides QuantConfig.sign_mode for the matched layers' activations; None: the config's mode.
+  sign_mode: str | None = None
+  # Overrides QuantConfig.split_shortcut for the matched layers (those whose input is a marked concatenation);
+  # None: the config's choice.
+  split_shortcut: bool | None = None
+
+  def __post_init__(self):
+    if isinstance(self.module_types, str):
+      object.__setattr__(self, "module_types", (self.module_types,))
+    object.__setattr__(self, "module_types", tuple(self.module_types))
+    problems = []
+    try:
+      re.compile(self.path)
+    except re.error as e:
+      problems.append(f"path {self.path!r} is not a valid regular expression ({e})")
+    if not self.module_types or not all(isinstance(t, str) and t for t in self.module_types):
+      problems.append(f"module_types must be a non-empty tuple of type names, got {self.module_types!r}")
+    for name in ("weight_bits", "act_bits"):
+      value = getattr(self, name)
+      if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 16):
+        problems.append(f"{name} must be None or an integer in 2..16, got {value!r}")
+    if self.sign_mode is not None and self.sign_mode not in SIGN_MODES:
+      problems.append(f"sign_mode must be None or one of {SIGN_MODES}, got {self.sign_mode!r}")
+    if self.split_shortcut is not None and not isinstance(self.split_shortcut, bool):
+      problems.append(f"split_shortcut must be None, True or False, got {self.split_shortcut!r}")
+    if problems:
+      raise InvalidQuantConfigError(f"Invalid QuantRule(path={self.path!r}): " + "; ".join(problems) + ".")
+
+  def matches(self, path: str, type_names: tuple[str, ...]) -> bool:
+    return re.fullmatch(self.path, path) is not None and any(t in type_names for t in self.module_types)
+
+  def to_dict(self) -> dict:
+    d = dataclasses.asdict(self)
+    d["module_types"] = list(self.module_types)
+    return d
+
+  @classmethod
+  def from_dict(cls, d: Mapping) -> QuantRule:
+    d = dict(d)
+    if "module_types" in d:
+      d["module_types"] = tuple(d["module_types"])
+    return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,8 +117,8 @@ class QuantConfig:
   # signed; "signed": every activation signed (the paper's baseline); "unsigned": every one-sided input
   # unsigned + zero point without comparing. Ignored for kind="int" (always asymmetric).
   sign_mode: str = "search"
-  # Layer selection and per-layer options, first match wins (see rules.QuantRule).
-  rules: tuple["QuantRule", ...] = ()
+  # Layer selection and per-layer options, first match wins (see QuantRule).
+  rules: tuple[QuantRule, ...] = ()
   # Shortcut splitting (Q-Diffusion): a layer whose input is a concatenation the model marks (a `Concat`
   # module: the UNet up-blocks' [h, skip]) quantizes each part with its own activation quantizer (own format
   # search and sign mode); its weights are quantized as usual. False: one quantizer over the whole input.
@@ -109,7 +169,6 @@ class QuantConfig:
       value = getattr(self, name)
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         problems.append(f"{name} must be a positive integer, got {value!r}")
-    from msfp_jax.quant.rules import QuantRule  # pylint: disable=g-import-not-at-top
     for i, rule in enumerate(self.rules):
       if not isinstance(rule, QuantRule):
         problems.append(f"rules[{i}] must be a QuantRule, got {type(rule).__name__}")
@@ -123,9 +182,8 @@ class QuantConfig:
     return d
 
   @classmethod
-  def from_dict(cls, d: dict) -> "QuantConfig":
+  def from_dict(cls, d: dict) -> QuantConfig:
     """Inverse of to_dict."""
-    from msfp_jax.quant.rules import QuantRule  # pylint: disable=g-import-not-at-top
     d = dict(d)
     d["rules"] = tuple(QuantRule.from_dict(r) for r in d.get("rules", ()))
     return cls(**d)

@@ -21,8 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msfp_jax.quant.fake_quant import (_check_concrete_maxval, as_format, grid_scale, grid_scale_numpy,
-                                      quantize_shifted)
+from msfp_jax.quant.fake_quant import _check_concrete_maxval, as_format, grid_scale, grid_scale_numpy, quantize_shifted
 from msfp_jax.quant.formats import FPFormat
 from msfp_jax.quant.numerics import natural_codes
 

@@ -176,7 +176,7 @@ class FPFormat:
     return (0 if self.signed else 1) << 8 | self.exponent_bits << 5 | self.mantissa_bits
 
   @classmethod
-  def from_id(cls, format_id: int) -> "FPFormat":
+  def from_id(cls, format_id: int) -> FPFormat:
     """Inverse of ``format_id``."""
     format_id = int(format_id)
     if not 0 <= format_id < 512:
@@ -185,7 +185,7 @@ class FPFormat:
                signed=not (format_id >> 8) & 1)
 
   @classmethod
-  def from_name(cls, name: str) -> "FPFormat":
+  def from_name(cls, name: str) -> FPFormat:
     """Parse "E2M1", "uE2M2", "INT4", "uINT4", "E0M3" (case-insensitive in E/M/INT)."""
     if isinstance(name, FPFormat):
       return name

@@ -1,7 +1,8 @@
 """The Flax method interceptors: module discovery, calibration recording and fake quantization.
 
-This is the only file that touches `flax.linen.intercept_methods` (method.md section 4). An interceptor
-sees every module method call; ours act on `__call__` of the layers the rules select (Conv and Dense by
+This is the only library module that touches `flax.linen.intercept_methods` (method.md section 4; the
+diagnostic msfp_jax.diagnostics.device_agreement also uses it, to record layer inputs). An interceptor sees
+every module method call; ours act on `__call__` of the layers the rules select (Conv and Dense by
 default, the attention MatMul when a rule names it), keyed by `'/'.join(module.path)`. The model code
 contains no quantization code.
 
@@ -12,16 +13,17 @@ around a call of an already-compiled function it would silently do nothing.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
 
-from msfp_jax.quant.config import QuantConfig, QuantStateMismatchError
+from msfp_jax.quant.config import DEFAULT_MODULE_TYPES, QuantConfig, QuantStateMismatchError
 from msfp_jax.quant.fake_quant import fake_quant
-from msfp_jax.quant.rules import CONCAT_TYPE, DEFAULT_MODULE_TYPES, LayerInfo, ModuleRecord, resolve_layers
+from msfp_jax.quant.rules import CONCAT_TYPE, LayerInfo, ModuleRecord, resolve_layers
 from msfp_jax.quant.state import LayerQuantState, QuantState
 
 # kernel_update(path, kernel) -> kernel: called with a layer's float kernel before weight quantization,
@@ -351,47 +353,3 @@ def quantized_apply(model: nn.Module, variables, qstate: QuantState, *args,
   with quantization_interceptor(qstate, kernel_update=kernel_update, weights_prequantized=weights_prequantized,
                                 strict=strict):
     return model.apply(variables, *args, **kwargs)
-
-
-# ----------------------------------------------------------------------------- weights, once
-def params_at(params: Mapping[str, Any], path: str) -> Mapping[str, Any]:
-  """The parameter dict of the module at `path` ('/'-joined) inside a params tree."""
-  node = params
-  for name in path.split("/") if path else ():
-    if not isinstance(node, Mapping) or name not in node:
-      raise QuantStateMismatchError(
-          f"no parameters for layer {path!r} in the variables (missing {name!r}); the quantization state "
-          "does not match these variables")
-    node = node[name]
-  return node
-
-
-def _replace_at(tree: Mapping[str, Any], names: list[str], leaf_name: str, value) -> dict:
-  out = dict(tree)
-  if names:
-    out[names[0]] = _replace_at(tree[names[0]], names[1:], leaf_name, value)
-  else:
-    out[leaf_name] = value
-  return out
-
-
-def prequantize_weights(variables, qstate: QuantState, kernel_update: KernelUpdate | None = None):
-  """Returns `variables` with every quantized layer's kernel replaced by Q(kernel_update(path, W)).
-
-  Use with `weights_prequantized=True` so that weights are rounded once per state instead of on every call.
-  Traceable (jit it, or differentiate through it when training LoRA factors or weight maxvals).
-  """
-  if "params" not in variables:
-    raise QuantStateMismatchError("prequantize_weights needs variables with a 'params' collection")
-  params = variables["params"]
-  for path, layer in qstate.layers.items():
-    if layer.is_matmul:
-      continue
-    layer_params = params_at(params, path)
-    if "kernel" not in layer_params:
-      raise QuantStateMismatchError(f"layer {path!r} has no 'kernel' parameter in the variables")
-    quantized = quantize_kernel(path, layer_params["kernel"], layer, kernel_update)
-    params = _replace_at(params, path.split("/") if path else [], "kernel", quantized)
-  out = dict(variables)
-  out["params"] = params
-  return out

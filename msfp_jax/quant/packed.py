@@ -31,8 +31,10 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
+import flax
 import jax
 import numpy as np
 
@@ -57,16 +59,6 @@ def _flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tupl
     else:
       flat[prefix + (str(key),)] = np.asarray(value)
   return flat
-
-
-def _unflatten(flat: Mapping[tuple[str, ...], np.ndarray]) -> dict:
-  tree: dict = {}
-  for path, value in flat.items():
-    node = tree
-    for key in path[:-1]:
-      node = node.setdefault(key, {})
-    node[path[-1]] = value
-  return tree
 
 
 def _kernel_path(layer_path: str, collection: str = "params") -> tuple[str, ...]:
@@ -146,7 +138,7 @@ def folded_bias(kernel_q: np.ndarray, bias: np.ndarray | None, input_zero_points
   return (fold + (0.0 if bias is None else np.asarray(bias, np.float64))).astype(np.float32)
 
 
-def code_domain_apply(model, packed: "PackedModel", *args, bank: int = 0, **kwargs):
+def code_domain_apply(model, packed: PackedModel, *args, bank: int = 0, **kwargs):
   """`model.apply` of the packed model's bank as an integer kernel computes it: each layer with an input
   zero point runs on codes (q = x_hat - z), pads with the code of real 0 and adds the folded bias.
 
@@ -303,7 +295,7 @@ def load_packed(path: str | os.PathLike) -> PackedModel:
       zero_point = 0.0 if layer.weight_zero_point is None else np.asarray(layer.weight_zero_point)
       flat[_kernel_path(layer_path)] = export.decode(codes, layer.weight_format, np.asarray(layer.weight_maxval),
                                                      zero_point)
-    variables_per_bank.append(_unflatten(flat))
+    variables_per_bank.append(flax.traverse_util.unflatten_dict(flat))
   code_domain_per_bank = [
       {path: CodeDomainLayer(folded_bias=entry[f"bank{k}"],
                              pad_value=_per_channel(qstate.layers[path], entry["pad_value"],

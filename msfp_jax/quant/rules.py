@@ -1,5 +1,6 @@
-"""Which layers are quantized, at which bits: rules over Flax module paths and module types.
+"""Which layers are quantized, at which bits: the config's QuantRules applied to the traced modules.
 
+The rule itself (a regex over module paths and a tuple of module types) is msfp_jax.quant.config.QuantRule.
 A module is addressed by `'/'.join(module.path)` (e.g. "down_0_block_1/conv1") and by the names of the
 classes in its type's MRO (so a subclass of nn.Conv matches "Conv"). Rules are tried in order and the first
 rule whose `path` regex fully matches and whose `module_types` contain one of the module's type names
@@ -10,77 +11,15 @@ in a regex must not silently leave a layer at the wrong precision.
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Mapping
+from collections.abc import Mapping
 
-from msfp_jax.quant.config import InvalidQuantConfigError, QuantConfig, RuleMatchError, SIGN_MODES
+from msfp_jax.quant.config import DEFAULT_MODULE_TYPES, QuantConfig, RuleMatchError
 
-# Module types quantized when no rule says otherwise (weights and input activation).
-DEFAULT_MODULE_TYPES = ("Conv", "Dense")
 # The attention matmul module (msfp_jax.models.attention.MatMul): two activation operands, no kernel.
 MATMUL_TYPE = "MatMul"
 # The marked concatenation (msfp_jax.models.layers.Concat, the UNets' [h, skip]): never quantized itself; a
 # layer whose input is its output gets one activation quantizer per part (QuantConfig.split_shortcut).
 CONCAT_TYPE = "Concat"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class QuantRule:
-  """One layer-selection rule; the first rule that matches a module decides for it."""
-
-  # Regular expression that must fully match the module path ('/'-joined Flax module names).
-  path: str = ".*"
-  # Module type names the rule applies to (matched against every class name in the module type's MRO).
-  # Add "MatMul" (path e.g. ".*_matmul") to quantize the attention matmuls, which are off by default.
-  module_types: tuple[str, ...] = DEFAULT_MODULE_TYPES
-  # Bits of the weight quantizer for the matched layers; None: QuantConfig.weight_bits.
-  weight_bits: int | None = None
-  # Bits of the activation quantizer(s) for the matched layers; None: QuantConfig.act_bits.
-  act_bits: int | None = None
-  # True: the matched layers stay in full precision (neither weights nor inputs are quantized).
-  keep_fp: bool = False
-  # Overrides QuantConfig.sign_mode for the matched layers' activations; None: the config's mode.
-  sign_mode: str | None = None
-  # Overrides QuantConfig.split_shortcut for the matched layers (those whose input is a marked concatenation);
-  # None: the config's choice.
-  split_shortcut: bool | None = None
-
-  def __post_init__(self):
-    if isinstance(self.module_types, str):
-      object.__setattr__(self, "module_types", (self.module_types,))
-    object.__setattr__(self, "module_types", tuple(self.module_types))
-    problems = []
-    try:
-      re.compile(self.path)
-    except re.error as e:
-      problems.append(f"path {self.path!r} is not a valid regular expression ({e})")
-    if not self.module_types or not all(isinstance(t, str) and t for t in self.module_types):
-      problems.append(f"module_types must be a non-empty tuple of type names, got {self.module_types!r}")
-    for name in ("weight_bits", "act_bits"):
-      value = getattr(self, name)
-      if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 2 <= value <= 16):
-        problems.append(f"{name} must be None or an integer in 2..16, got {value!r}")
-    if self.sign_mode is not None and self.sign_mode not in SIGN_MODES:
-      problems.append(f"sign_mode must be None or one of {SIGN_MODES}, got {self.sign_mode!r}")
-    if self.split_shortcut is not None and not isinstance(self.split_shortcut, bool):
-      problems.append(f"split_shortcut must be None, True or False, got {self.split_shortcut!r}")
-    if problems:
-      raise InvalidQuantConfigError(f"Invalid QuantRule(path={self.path!r}): " + "; ".join(problems) + ".")
-
-  def matches(self, path: str, type_names: tuple[str, ...]) -> bool:
-    return re.fullmatch(self.path, path) is not None and any(t in type_names for t in self.module_types)
-
-  def to_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    d["module_types"] = list(self.module_types)
-    return d
-
-  @classmethod
-  def from_dict(cls, d: Mapping) -> "QuantRule":
-    d = dict(d)
-    if "module_types" in d:
-      d["module_types"] = tuple(d["module_types"])
-    return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,7 +13,8 @@ import dataclasses
 import json
 import os
 import pathlib
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax.struct
 import jax
@@ -115,7 +116,7 @@ class QuantState:
     return {"metadata": metadata, "arrays": arrays}
 
   @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "QuantState":
+  def from_dict(cls, d: Mapping[str, Any]) -> QuantState:
     """Inverse of to_dict (arrays become jnp float32 arrays)."""
     metadata, arrays = d["metadata"], d["arrays"]
     if metadata.get("version") != _STATE_FORMAT_VERSION:
@@ -146,7 +147,7 @@ class QuantState:
 
 def save_quant_state(directory: str | os.PathLike, qstate: QuantState) -> None:
   """Writes DIRECTORY/quant_state.json (metadata) and DIRECTORY/arrays (orbax, via msfp_jax.checkpoint)."""
-  from msfp_jax import checkpoint  # pylint: disable=g-import-not-at-top  (orbax only when saving)
+  from msfp_jax import checkpoint  # pylint: disable=g-import-not-at-top  (imports orbax: only when saving)
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   d = qstate.to_dict()
@@ -156,7 +157,7 @@ def save_quant_state(directory: str | os.PathLike, qstate: QuantState) -> None:
 
 def load_quant_state(directory: str | os.PathLike) -> QuantState:
   """Reads a state written by save_quant_state."""
-  from msfp_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from msfp_jax import checkpoint  # pylint: disable=g-import-not-at-top  (imports orbax: only when loading)
   directory = pathlib.Path(directory)
   meta_path = directory / "quant_state.json"
   if not meta_path.is_file():

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
-from msfp_jax import checkpoint
+from msfp_jax import checkpoint, config_record, parallel, quant
 from msfp_jax.train import pipeline
-from msfp_jax import parallel
 
 CALIBRATION_DIR = "calibration"
 SUMMARY_FILE = "calibration_summary.json"
@@ -26,7 +26,6 @@ def has_calibration(workdir) -> bool:
 
 
 def load_calibration(workdir):
-  from msfp_jax import quant
   workdir = pathlib.Path(workdir)
   if not has_calibration(workdir):
     raise FileNotFoundError(f"No calibration in {workdir}; run --mode=calibrate first.")
@@ -57,7 +56,7 @@ def calibration_batches(config, bundle: pipeline.ModelBundle, mesh=None):
   batch = int(c.batch_size)
   num_batches = -(-int(c.num_samples) // batch)
   for b in range(num_batches):
-    x_T, labels = pipeline.noise_batch(int(c.seed), pipeline.NOISE_CALIBRATION, b, batch, bundle.sample_shape,
+    x_T, labels = pipeline.noise_batch(int(c.seed), pipeline.NoisePurpose.CALIBRATION, b, batch, bundle.sample_shape,
                                        bundle.num_classes)
     labels_arr = np.zeros((batch,), np.int32) if labels is None else labels
     traj = teacher(x_T, labels_arr, jax.random.fold_in(jax.random.key(int(c.seed)), b))
@@ -72,7 +71,6 @@ def run_calibration(config, workdir, *, bundle: pipeline.ModelBundle | None = No
 
   `mesh`, if given, must span only this process's devices (see `local_mesh`).
   """
-  from msfp_jax import quant
   workdir = pathlib.Path(workdir)
   bundle = bundle or pipeline.load_model(config)
   qconfig = pipeline.quant_config_from(config)
@@ -88,11 +86,10 @@ def run_calibration(config, workdir, *, bundle: pipeline.ModelBundle | None = No
     checkpoint.save_json(workdir / SUMMARY_FILE, {
         "model": str(config.model.path), "quant_config": qconfig.to_dict(),
         "num_layers": len(qstate.layers), "unquantized": list(qstate.unquantized),
-        "layers": {p: {"act_format": l.act_format.name,
-                       "weight_format": None if l.weight_format is None else l.weight_format.name,
-                       "one_sided": bool(l.one_sided)} for p, l in qstate.layers.items()}})
+        "layers": {p: {"act_format": layer.act_format.name,
+                       "weight_format": None if layer.weight_format is None else layer.weight_format.name,
+                       "one_sided": bool(layer.one_sided)} for p, layer in qstate.layers.items()}})
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices("calibration saved")
   return qstate
 
@@ -103,11 +100,12 @@ def load_or_calibrate(config, workdir, *, bundle=None, mesh=None):
   workdir = pathlib.Path(workdir)
   if has_calibration(workdir):
     saved = checkpoint.load_json(workdir / SUMMARY_FILE).get("quant_config", {})
-    now = pipeline.quant_config_from(config).to_dict()
-    now = checkpoint.json.loads(checkpoint.json.dumps(now, default=list))
-    diffs = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    now = config_record.json_normalized(pipeline.quant_config_from(config).to_dict())
+    # Every field of the quantization config shapes the calibration: none may change.
+    diffs = config_record.differences(saved, now, config_record.Changeable())
     if diffs:
-      raise ValueError(f"{workdir} holds a calibration of a different quantization config (fields {diffs}: "
-                       f"{[(k, saved.get(k), now.get(k)) for k in diffs]}). Use a new --workdir.")
+      raise ValueError(f"{workdir} holds a calibration of a different quantization config (fields "
+                       f"{[d.field for d in diffs]}: {[(d.field, d.saved, d.current) for d in diffs]}). Use a new "
+                       "--workdir.")
     return load_calibration(workdir)
   return run_calibration(config, workdir, bundle=bundle)

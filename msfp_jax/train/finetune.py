@@ -22,8 +22,6 @@ unreadable one is named and set aside) and first drops the metrics an earlier ru
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import pathlib
 from typing import Any
 
@@ -32,25 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from msfp_jax import checkpoint
-from msfp_jax import diffusion
-from msfp_jax import guards
-from msfp_jax import lora
-from msfp_jax import metrics
-from msfp_jax.train import calibration
+from msfp_jax import checkpoint, config_record, diffusion, guards, lora, metrics, parallel, plotting, quant
+from msfp_jax.train import calibration, pipeline
 from msfp_jax.train import optimizer as optimizer_lib
-from msfp_jax.train import pipeline
-from msfp_jax.train import sharding
 from msfp_jax.train import state as state_lib
 
 CHECKPOINT_DIR = "finetune_checkpoints"
 ROUTER_PLOT = "router_allocation.png"
 ROUTER_JSON = "router_allocation.json"
-
-# Config fields a resumed run may change (budgets and bookkeeping); every other difference is an error.
-RESUMABLE_FIELDS = ("finetune.num_steps", "finetune.checkpoint_every", "finetune.log_every",
-                    "finetune.max_checkpoints", "finetune.divergence_factor")
-RESUMABLE_PREFIXES = ("evaluation.", "distributed.", "mesh.")
 
 
 # The loss became NaN / Inf or rose far above its running median (one class for every training loop).
@@ -77,32 +64,6 @@ class FinetuneResult:
 
 
 # ----------------------------------------------------------------------------------------------- config checks
-def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
-  if isinstance(d, dict):
-    out = {}
-    for k, v in d.items():
-      out.update(_flatten(v, f"{prefix}{k}."))
-    return out
-  return {prefix[:-1]: d}
-
-
-def _json_config(config) -> dict:
-  d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-  return json.loads(json.dumps(d, default=lambda o: list(o) if isinstance(o, (tuple, set)) else str(o)))
-
-
-def config_differences(saved: dict, current: dict) -> list[str]:
-  """Fields (dotted names) that differ between two configs, ignoring those a resumed run may change."""
-  a, b = _flatten(saved), _flatten(current)
-  diffs = []
-  for key in sorted(set(a) | set(b)):
-    if key in RESUMABLE_FIELDS or key.startswith(RESUMABLE_PREFIXES):
-      continue
-    if a.get(key, "<missing>") != b.get(key, "<missing>"):
-      diffs.append(f"{key}: checkpoint {a.get(key, '<missing>')!r} vs now {b.get(key, '<missing>')!r}")
-  return diffs
-
-
 def _check_finetune_config(config) -> None:
   f = config.finetune
   problems = []
@@ -129,7 +90,8 @@ def visit_plan(config, num_sampler_steps: int) -> tuple[int, Any]:
 
   def order(j: int) -> np.ndarray:
     if f.timestep_order == "shuffle":
-      return np.random.default_rng([int(config.seed), 3, int(j)]).permutation(num_sampler_steps)[:n]
+      rng = pipeline.purpose_rng(int(config.seed), pipeline.NoisePurpose.FINETUNE_VISIT_ORDER, j)
+      return rng.permutation(num_sampler_steps)[:n]
     return np.round(np.linspace(0, num_sampler_steps - 1, n)).astype(np.int32)
   return n, order
 
@@ -138,7 +100,6 @@ def visit_plan(config, num_sampler_steps: int) -> tuple[int, Any]:
 def make_loss_fn(bundle: pipeline.ModelBundle, quant_metadata: dict, talora_config: lora.TALoRAConfig, *,
                  weighting: str, normalizer: float | None, balance_weight: float, all_timesteps: np.ndarray):
   """loss(params, variables, x_t, t, gamma, labels) -> (loss, aux)."""
-  from msfp_jax import quant
   apply = pipeline.eps_fn_with_labels(bundle)
   all_timesteps = np.asarray(all_timesteps, np.int32)
 
@@ -180,14 +141,14 @@ def make_train_step(loss_fn, tx, mesh):
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, {"loss": loss, "t": t, **aux}
 
-  repl = sharding.replicated(mesh)
+  repl = parallel.replicated_sharding(mesh)
   return jax.jit(step,
-                 in_shardings=(repl, repl, sharding.batch_sharding(mesh, 1), repl, repl, repl,
-                               sharding.batch_sharding(mesh, 0)),
+                 in_shardings=(repl, repl, parallel.batch_sharding(mesh, 1), repl, repl, repl,
+                               parallel.batch_sharding(mesh, 0)),
                  out_shardings=(repl, repl), donate_argnums=(0,))
 
 
-# ----------------------------------------------------------------------------------------------- plots
+# ----------------------------------------------------------------------------------------------- the router
 def write_router_allocation(workdir: pathlib.Path, router_params, talora_config: lora.TALoRAConfig, step: int,
                             writer=None) -> np.ndarray:
   """Bank per timestep in [0, T): JSON + PNG in workdir, bank shares to the metric writer."""
@@ -201,25 +162,13 @@ def write_router_allocation(workdir: pathlib.Path, router_params, talora_config:
   if jax.process_index() == 0:
     checkpoint.save_json(workdir / ROUTER_JSON, {"step": int(step), "num_banks": k,
                                                  "bank_per_timestep": alloc.tolist()})
-    import matplotlib  # plotting only here; Agg needs no display
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 2.2))
-    ax.scatter(np.arange(alloc.size), alloc, s=2, c=alloc, cmap="viridis", vmin=0, vmax=max(k - 1, 1))
-    ax.set_xlabel("timestep t")
-    ax.set_ylabel("LoRA bank")
-    ax.set_yticks(range(k))
-    ax.set_title(f"TALoRA router allocation at step {step}")
-    fig.tight_layout()
-    fig.savefig(workdir / ROUTER_PLOT, dpi=100)
-    plt.close(fig)
+    plotting.plot_router_allocation(alloc, k, workdir / ROUTER_PLOT, title=f"TALoRA router allocation at step {step}")
   return alloc
 
 
 # ----------------------------------------------------------------------------------------------- the loop
 def finetune(config, workdir) -> FinetuneResult:
   """Runs (or resumes) fine-tuning in `workdir`; calibrates first if workdir has no calibration yet."""
-  from msfp_jax import quant
   _check_finetune_config(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
@@ -228,9 +177,9 @@ def finetune(config, workdir) -> FinetuneResult:
   bundle = pipeline.load_model(config)
   schedule = pipeline.schedule_from(config)
   sampler_config = pipeline.sampler_from(config)
-  mesh = sharding.mesh_from_config(int(config.mesh.data))
+  mesh = parallel.mesh_from_config(int(config.mesh.data))
   global_batch = int(f.batch_size)
-  sharding.check_global_batch(global_batch, mesh)
+  parallel.check_global_batch(global_batch, mesh)
 
   qstate = calibration.load_or_calibrate(config, workdir, bundle=bundle)
   quant_dict = qstate.to_dict()
@@ -249,17 +198,18 @@ def finetune(config, workdir) -> FinetuneResult:
   train_state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                                      rng=jax.random.key_data(root))
 
-  config_json = _json_config(config)
+  config_json = config_record.json_config(config)
   manager = checkpoint.CheckpointManager(workdir / CHECKPOINT_DIR, max_to_keep=int(f.max_checkpoints))
 
   def check_saved_config(saved_config, step):
     # Compared before the arrays are read: a different config usually also means differently shaped arrays,
     # and the field names say more than a shape mismatch.
-    diffs = config_differences(saved_config or {}, config_json)
+    diffs = config_record.differences(saved_config or {}, config_json, config_record.FINETUNE_CHECKPOINT)
     if diffs:
       raise ConfigMismatchError(
-          f"{workdir} holds a fine-tuning run of a different config (checkpoint step {step}); differing "
-          f"fields: {'; '.join(diffs)}. Use a new --workdir or the checkpoint's config.")
+          f"{workdir} holds a fine-tuning run of a different config (checkpoint step {step}); differing fields: "
+          f"{config_record.describe(diffs, config_record.CHECKPOINT_VS_NOW)}. Use a new --workdir or the "
+          "checkpoint's config.")
 
   # The newest checkpoint that reads: an unreadable one (a truncated file) is named, set aside and redone.
   restored = manager.restore_newest(target=state_lib.checkpoint_target(train_state),
@@ -271,8 +221,8 @@ def finetune(config, workdir) -> FinetuneResult:
   start = int(train_state.step)
   num_steps = int(f.num_steps)
 
-  train_state = sharding.replicate(train_state, mesh)
-  variables = sharding.replicate(bundle.variables, mesh)
+  train_state = parallel.replicate(train_state, mesh)
+  variables = parallel.replicate(bundle.variables, mesh)
 
   gammas_all = diffusion.noise_coefficients(schedule, sampler_config)
   normalizer = diffusion.gamma_normalizer(gammas_all, f.dfa_weighting) if f.dfa_weighting != "none" else None
@@ -303,9 +253,9 @@ def finetune(config, workdir) -> FinetuneResult:
     """Checkpoints `st` (the state after `step_done`); with `probe_inputs` (the step's batch), first checks its
     loss on that batch: the loss of step s was computed before step s's update, which may have diverged."""
     nonlocal last_saved
-    host = sharding.to_host(st)
+    host = parallel.to_host(st)
     if probe_inputs is not None:
-      _, probe = train_step(sharding.replicate(host, mesh), variables, *probe_inputs)
+      _, probe = train_step(parallel.replicate(host, mesh), variables, *probe_inputs)
       guard.check(step_done, float(probe["loss"]), last_good=last_good(), accept=False,
                   note="(the state after this step, on its batch, checked before it is saved)")
     interrupts.activity = f"the save of step {step_done}"
@@ -323,11 +273,11 @@ def finetune(config, workdir) -> FinetuneResult:
     for s in range(start, num_steps):
       j, pos = divmod(s, n_per_traj)
       if cached_traj is None or cached_traj[0] != j:
-        x_T, labels = pipeline.noise_batch(seed, pipeline.NOISE_FINETUNE, j, global_batch, bundle.sample_shape,
+        x_T, labels = pipeline.noise_batch(seed, pipeline.NoisePurpose.FINETUNE, j, global_batch, bundle.sample_shape,
                                            bundle.num_classes)
         labels = label_sharding_dummy if labels is None else labels
-        x_T_global = sharding.host_local_to_global(x_T, mesh)
-        labels_global = sharding.host_local_to_global(labels, mesh)
+        x_T_global = parallel.host_local_to_global(x_T, mesh)
+        labels_global = parallel.host_local_to_global(labels, mesh)
         traj = teacher(x_T_global, labels_global, jax.random.fold_in(jax.random.key(seed), j))
         cached_traj = (j, (traj, labels_global, order(j)))
       traj, labels_global, visit = cached_traj[1]
@@ -349,7 +299,7 @@ def finetune(config, workdir) -> FinetuneResult:
         manager.close()
         interrupts.stop(step_done)
 
-    host_state = sharding.to_host(train_state)
+    host_state = parallel.to_host(train_state)
     final_step = int(host_state.step)
     if last_saved != final_step:
       save(final_step, train_state)
@@ -364,7 +314,6 @@ def finetune(config, workdir) -> FinetuneResult:
 
 def load_finetuned(config, workdir) -> FinetuneResult:
   """The latest fine-tuned parameters of `workdir` (for the sample / eval / export stages)."""
-  from msfp_jax import quant
   workdir = pathlib.Path(workdir)
   manager = checkpoint.CheckpointManager(workdir / CHECKPOINT_DIR)
   step = manager.latest_step()
@@ -373,9 +322,10 @@ def load_finetuned(config, workdir) -> FinetuneResult:
   try:
     tree, _ = manager.restore(step)
   except checkpoint.CheckpointUnreadableError as e:
+    reason = checkpoint._first_line(e.__cause__ or e)  # pylint: disable=protected-access
     raise checkpoint.CheckpointError(
         f"The fine-tuning checkpoint step {step} in {manager.directory} could not be read "
-        f"({checkpoint._first_line(e.__cause__ or e)}). Rerun the fine-tuning stage (--mode=finetune, or "  # pylint: disable=protected-access
+        f"({reason}). Rerun the fine-tuning stage (--mode=finetune, or "
         "the same --mode=all command): it resumes from the newest checkpoint that restores and recomputes the "
         "rest.") from e
   finally:

@@ -15,7 +15,8 @@ end_factor * lr), built with optax.multi_transform.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import optax

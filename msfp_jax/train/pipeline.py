@@ -1,28 +1,33 @@
 """From an ml_collections experiment config to the objects the stages use.
 
 Model, schedule, sampler, quantization config and TALoRA config are built here once, so that calibration,
-fine-tuning (and the lead's sample / eval stages) agree on them. The noise of every batch is a pure function
+fine-tuning and the later stages (msfp_jax.run) agree on them. The noise of every batch is a pure function
 of (seed, purpose, index): a resumed run draws exactly what an uninterrupted one drew.
 """
 from __future__ import annotations
 
 import dataclasses
+import enum
 import pathlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
-from msfp_jax import diffusion
-from msfp_jax import lora
-from msfp_jax import models
+from msfp_jax import diffusion, lora, models, quant
 
 BUILTIN_MODEL = "builtin"
 
-# Purposes of random draws, so that e.g. calibration noise never equals fine-tuning noise.
-NOISE_CALIBRATION = 1
-NOISE_FINETUNE = 2
+
+class NoisePurpose(enum.IntEnum):
+  """What a seeded draw is for. Every draw of the pipeline comes from a generator seeded with (seed, purpose,
+  index) (`purpose_rng`), so draws of two purposes never coincide. A value is part of the results: changing it
+  changes every number computed from its draws."""
+  CALIBRATION = 1           # starting noise of the calibration trajectories (index: calibration batch)
+  FINETUNE = 2              # starting noise and labels of the fine-tuning trajectories (index: trajectory j)
+  SAMPLE = 3                # the fixed noise of the sample and export stages and of the ablation (index 0)
+  FINETUNE_VISIT_ORDER = 4  # the order in which fine-tuning visits the sampler steps of trajectory j (index: j)
 
 
 def model_dir(path: str) -> pathlib.Path:
@@ -85,7 +90,6 @@ def sampler_from(config) -> diffusion.SamplerConfig:
 
 def quant_config_from(config):
   """QuantConfig with the rules of the config: high-precision layers at 8 bits, attention matmuls optional."""
-  from msfp_jax import quant  # imported late: only stages that quantize need it
   q = config.quant
   rules = []
   if q.high_precision_paths:
@@ -107,13 +111,18 @@ def talora_config_from(config) -> lora.TALoRAConfig:
   return lora.TALoRAConfig(num_banks=int(c.num_banks), rank=int(c.rank), scale=float(c.scale), router=router)
 
 
-def noise_batch(seed: int, purpose: int, index: int, batch_size: int, shape: tuple[int, ...],
+def purpose_rng(seed: int, purpose: NoisePurpose, index: int) -> np.random.Generator:
+  """The generator of draw `index` of `purpose`: a pure function of its arguments."""
+  return np.random.default_rng([int(seed), int(purpose), int(index)])
+
+
+def noise_batch(seed: int, purpose: NoisePurpose, index: int, batch_size: int, shape: tuple[int, ...],
                 num_classes: int = 0) -> tuple[np.ndarray, np.ndarray | None]:
   """Global starting noise x_T [B, *shape] (and labels) of batch `index`: a pure function of its arguments.
 
-  Every process computes the same global batch and feeds its own rows (see sharding.host_local_to_global).
+  Every process computes the same global batch and feeds its own rows (see msfp_jax.parallel.host_local_to_global).
   """
-  rng = np.random.default_rng([int(seed), int(purpose), int(index)])
+  rng = purpose_rng(seed, purpose, index)
   x = rng.standard_normal((batch_size, *shape), dtype=np.float32)
   labels = rng.integers(0, num_classes, batch_size).astype(np.int32) if num_classes > 0 else None
   return x, labels

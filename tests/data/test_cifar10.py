@@ -44,8 +44,8 @@ def test_splits_labels_and_pixels_match_an_independent_decode(prepared):
     assert images.shape == (10 * per_class, 32, 32, 3) and images.dtype == np.uint8
     np.testing.assert_array_equal(np.bincount(labels, minlength=10), [per_class] * 10)
     # The same multiset of (label, image) pairs as a direct decode of the members of that split.
-    ours = sorted((int(l), im.tobytes()) for l, im in zip(labels, images))
-    theirs = sorted((l, im.tobytes()) for s, l, im in reference.values() if s == split)
+    ours = sorted((int(label), im.tobytes()) for label, im in zip(labels, images))
+    theirs = sorted((label, im.tobytes()) for s, label, im in reference.values() if s == split)
     assert ours == theirs
 
 

@@ -1,5 +1,4 @@
 """The shipped default model loads and denoises held-out digits far better than chance."""
-import json
 
 import jax
 import numpy as np

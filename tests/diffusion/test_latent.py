@@ -11,11 +11,11 @@ import jax
 import numpy as np
 import pytest
 
-from msfp_jax.diffusion import SamplerConfig, make_schedule
-from msfp_jax.diffusion import latent
+from msfp_jax import models
+from msfp_jax.diffusion import SamplerConfig, latent, make_schedule
 from msfp_jax.models import autoencoder, save_converted
 from msfp_jax.models.autoencoder import AutoencoderConfig
-from msfp_jax.models.ldm_unet import LDMUNet, LDMUNetConfig, init_shapes
+from msfp_jax.models.ldm_unet import LDMUNet, LDMUNetConfig, init_shapes, load_first_stage
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -80,7 +80,7 @@ def test_balanced_class_labels():
 
 def test_guided_latent_ddim_and_decode_match_stepwise_reference(converted):
   dst, unet, unet_vars, fs, fs_vars = converted
-  ldm = latent.LatentDiffusion.load(dst)
+  ldm = latent.LatentDiffusion.from_loaded(models.load(dst), load_first_stage(dst))
   assert ldm.latent_shape == (4, 4, 3) and ldm.num_classes == 10 and ldm.null_label == 10
   assert ldm.scale_factor == SCALE_FACTOR
 
@@ -130,7 +130,7 @@ def test_decode_without_codebook_lookup(converted):
 
 
 def test_bad_inputs_give_clear_errors(converted):
-  ldm = latent.LatentDiffusion.load(converted[0])
+  ldm = latent.LatentDiffusion.from_loaded(models.load(converted[0]), load_first_stage(converted[0]))
   sampler = SamplerConfig(num_steps=2)
   x_T = np.zeros((2, 4, 4, 3), np.float32)
   with pytest.raises(ValueError, match="class label out of range"):

@@ -4,8 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msfp_jax.diffusion import (SamplerConfig, dfa_loss, gamma_normalizer, make_schedule,
-                                noise_coefficients)
+from msfp_jax.diffusion import SamplerConfig, dfa_loss, gamma_normalizer, make_schedule, noise_coefficients
 
 
 def numpy_dfa(student, teacher, gamma, weighting, gammas_all):

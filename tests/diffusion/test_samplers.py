@@ -14,8 +14,14 @@ import pytest
 import torch
 from diffusers.schedulers import scheduling_ddpm
 
-from msfp_jax.diffusion import (SamplerConfig, guided_eps_fn, make_schedule, noise_coefficients, sample,
-                                sampling_timesteps)
+from msfp_jax.diffusion import (
+  SamplerConfig,
+  guided_eps_fn,
+  make_schedule,
+  noise_coefficients,
+  sample,
+  sampling_timesteps,
+)
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 SHAPE = (3, 4, 4, 2)
@@ -211,24 +217,27 @@ def test_guided_eps_fn_batches_cond_and_uncond():
   np.testing.assert_allclose(np.asarray(out2), np.asarray(manual), rtol=1e-5, atol=1e-6)
 
 
-def test_bad_input():
-  schedule = make_schedule("linear", 1000)
-  with pytest.raises(ValueError, match="sampler kind"):
-    SamplerConfig(kind="euler")
-  with pytest.raises(ValueError, match="skipping"):
-    SamplerConfig(skip="log")
-  with pytest.raises(ValueError, match="num_steps"):
-    SamplerConfig(num_steps=0)
-  with pytest.raises(ValueError, match="exceed"):
-    sampling_timesteps(schedule, SamplerConfig(num_steps=2000))
-  with pytest.raises(ValueError, match="rng"):
-    sample(eps_jax, x_T_numpy(), schedule, SamplerConfig(kind="ddpm", num_steps=10))
-  with pytest.raises(ValueError, match="x_T"):
-    sample(eps_jax, np.zeros((3,), np.int32), schedule, SamplerConfig(num_steps=10))
-  with pytest.raises(ValueError, match="schedule kind"):
-    make_schedule("sigmoid")
-  with pytest.raises(ValueError, match="beta_start"):
-    make_schedule("linear", beta_start=0.1, beta_end=0.01)
+def _linear():
+  return make_schedule("linear", 1000)
+
+
+# What the error names -> a call that must raise it.
+BAD_INPUTS = {
+    "sampler kind": lambda: SamplerConfig(kind="euler"),
+    "skipping": lambda: SamplerConfig(skip="log"),
+    "num_steps": lambda: SamplerConfig(num_steps=0),
+    "exceed": lambda: sampling_timesteps(_linear(), SamplerConfig(num_steps=2000)),
+    "rng": lambda: sample(eps_jax, x_T_numpy(), _linear(), SamplerConfig(kind="ddpm", num_steps=10)),
+    "x_T": lambda: sample(eps_jax, np.zeros((3,), np.int32), _linear(), SamplerConfig(num_steps=10)),
+    "schedule kind": lambda: make_schedule("sigmoid"),
+    "beta_start": lambda: make_schedule("linear", beta_start=0.1, beta_end=0.01),
+}
+
+
+@pytest.mark.parametrize("match", BAD_INPUTS)
+def test_bad_input(match):
+  with pytest.raises(ValueError, match=match):
+    BAD_INPUTS[match]()
 
 
 SHARDED_SCRIPT = textwrap.dedent("""

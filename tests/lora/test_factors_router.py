@@ -60,8 +60,8 @@ def test_route_is_hard_one_hot_forward_and_softmax_backward():
   w = lora.straight_through_one_hot(logits)
   np.testing.assert_array_equal(np.asarray(w), [[0, 1, 0, 0]])
   v = jnp.asarray([1.0, -2.0, 0.5, 3.0])
-  grad_st = jax.grad(lambda l: jnp.sum(lora.straight_through_one_hot(l) * v))(logits)
-  grad_soft = jax.grad(lambda l: jnp.sum(jax.nn.softmax(l, axis=-1) * v))(logits)
+  grad_st = jax.grad(lambda z: jnp.sum(lora.straight_through_one_hot(z) * v))(logits)
+  grad_soft = jax.grad(lambda z: jnp.sum(jax.nn.softmax(z, axis=-1) * v))(logits)
   np.testing.assert_allclose(np.asarray(grad_st), np.asarray(grad_soft), rtol=1e-6)
 
 

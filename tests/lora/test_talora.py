@@ -5,8 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msfp_jax import lora
-from msfp_jax import quant
+from msfp_jax import lora, quant
 
 
 class ToyNet(nn.Module):
@@ -46,7 +45,7 @@ def test_zero_b_gives_exactly_the_ptq_model(toy):
   with_lora = quant.prequantize_weights(variables, qstate, kernel_update=update)
   ptq_weights = quant.prequantize_weights(variables, qstate)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), with_lora, ptq_weights)
-  for path, bank in lora.flat_banks(params["banks"]).items():
+  for path in lora.flat_banks(params["banks"]):
     kernel = variables["params"][path]["kernel"]
     np.testing.assert_array_equal(np.asarray(update(path, kernel)), np.asarray(kernel))
   # ... so the outputs agree up to XLA's float reassociation between two differently fused programs.

@@ -8,7 +8,8 @@ decoded images (VQ: with and without the codebook lookup) to 1e-4 relative error
 """
 from __future__ import annotations
 
-import math
+import pathlib
+import sys
 
 import jax
 import numpy as np
@@ -20,17 +21,15 @@ from msfp_jax.models.autoencoder import AutoencoderConfig
 from msfp_jax.models.convert.common import convert_state_dict
 from msfp_jax.models.convert.compvis import first_stage_torch_module
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from reference_helpers import randomize_, relative_error  # noqa: E402
+
 jax.config.update("jax_default_matmul_precision", "highest")
 
 VQ_CONFIG = AutoencoderConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), resolution=16,
                               in_channels=3, out_ch=3, z_channels=3, double_z=False, embed_dim=3, n_embed=16)
 KL_CONFIG = AutoencoderConfig(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), resolution=16,
                               in_channels=3, out_ch=3, z_channels=4, double_z=True, embed_dim=4)
-
-
-def relative_error(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 _RESNET = {"conv_shortcut": "nin_shortcut"}
@@ -72,20 +71,6 @@ def diffusers_vae_to_compvis(sd: dict, num_levels: int) -> dict:
   return out
 
 
-def _randomize(model: torch.nn.Module, seed: int) -> None:
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name == "quantize.embedding.weight":
-        p.copy_(torch.randn(p.shape, generator=gen))
-      elif p.ndim >= 2:
-        p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(math.prod(p.shape[1:])))
-      elif name.endswith("weight") and "norm" in name:
-        p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
-      else:
-        p.copy_(0.3 * torch.randn(p.shape, generator=gen))
-
-
 def make_first_stage(architecture: str, cfg: AutoencoderConfig, seed: int = 0):
   """(diffusers model, CompVis state dict with the first_stage_model. prefix)."""
   from diffusers import AutoencoderKL, VQModel
@@ -101,7 +86,7 @@ def make_first_stage(architecture: str, cfg: AutoencoderConfig, seed: int = 0):
   else:
     assert cfg.embed_dim == cfg.z_channels  # diffusers' AutoencoderKL has one latent width
     model = AutoencoderKL(**common).eval()
-  _randomize(model, seed)
+  randomize_(model, seed, unit_normal=("quantize.embedding.weight",))
   diffusers_sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
   compvis = {"first_stage_model." + k: v for k, v in diffusers_vae_to_compvis(diffusers_sd, len(channels)).items()}
   back = convert_ldm_vae_checkpoint(dict(compvis), {"down_block_types": common["down_block_types"],

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from msfp_jax.eval import inception_weights, preprocess
-from msfp_jax.eval.inception_weights import InceptionWeightsError, load_inception
+from msfp_jax.evaluation import inception_weights
+from msfp_jax.evaluation.inception_weights import InceptionWeightsError, load_inception
 from msfp_jax.models import inception as inception_lib
 
 SIZES = (32, 64, 256)
@@ -34,8 +34,8 @@ def flax_net(fid_torchscript_path):
 @pytest.fixture(scope="module")
 def batch(torchscript):
   """Images at 32, 64, 256; each resized to 299 by torch (pytorch-fid's pipeline) and fed to torch.jit.
-  Our own resize is checked against torch's at these sizes in tests/eval/test_preprocess.py, and our
-  resize + network end to end against torch.jit in tests/eval/test_reference.py."""
+  Our own resize is checked against torch's at these sizes in tests/evaluation/test_preprocess.py, and our
+  resize + network end to end against torch.jit in tests/evaluation/test_reference.py."""
   rng = np.random.RandomState(0)
   raw = {size: _smooth_images(rng, IMAGES_PER_SIZE, size) for size in SIZES}
   torch_299 = []

@@ -15,6 +15,8 @@ Tolerance: relative error <= 1e-4 in float32 (jax highest matmul precision).
 from __future__ import annotations
 
 import math
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,9 @@ from msfp_jax.models.convert.common import convert_state_dict
 from msfp_jax.models.convert.compvis import config_from_yaml, unet_torch_module
 from msfp_jax.models.ldm_presets import PRESETS
 from msfp_jax.models.ldm_unet import LDMUNet, LDMUNetConfig, count_params, init_shapes
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from reference_helpers import randomize_, relative_error  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -59,11 +64,6 @@ ATTENTION_BLOCK_CONFIGS = {
 }
 
 
-def relative_error(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.abs(a - b).max() / np.abs(b).max())
-
-
 # ------------------------------------------------------------------------------------------------
 # diffusers <-> CompVis (the inverse of diffusers' single-file mapping, written independently)
 
@@ -92,48 +92,30 @@ def diffusers_unet_to_compvis(sd: dict, layers_per_block: int) -> dict:
     module, leaf = ".".join(parts[:-1]), parts[-1]
     if module in fixed:
       out[f"{fixed[module]}.{leaf}"] = value
-    elif parts[0] == "down_blocks":
+    elif parts[0] in ("down_blocks", "up_blocks"):
       b, kind = int(parts[1]), parts[2]
       rest = ".".join(parts[4:])
+      down = parts[0] == "down_blocks"
+      # Level b's first block; input_blocks.0 is conv_in.
+      blocks, first = ("input_blocks", 1 + b * per_level) if down else ("output_blocks", b * per_level)
       if kind == "resnets":
-        out[f"input_blocks.{1 + b * per_level + int(parts[3])}.0.{_resnet_name(rest)}"] = value
+        out[f"{blocks}.{first + int(parts[3])}.0.{_resnet_name(rest)}"] = value
       elif kind == "attentions":
-        out[f"input_blocks.{1 + b * per_level + int(parts[3])}.1.{rest}"] = value
-      else:  # downsamplers.0.conv.*
-        out[f"input_blocks.{1 + b * per_level + layers_per_block}.0.op.{leaf}"] = value
+        out[f"{blocks}.{first + int(parts[3])}.1.{rest}"] = value
+      elif down:  # downsamplers.0.conv.*
+        out[f"{blocks}.{first + layers_per_block}.0.op.{leaf}"] = value
+      else:  # upsamplers.0.conv.*
+        slot = 2 if b in up_has_attention else 1
+        out[f"{blocks}.{first + layers_per_block}.{slot}.conv.{leaf}"] = value
     elif parts[0] == "mid_block":
       rest = ".".join(parts[3:])
       if parts[1] == "resnets":
         out[f"middle_block.{0 if parts[2] == '0' else 2}.{_resnet_name(rest)}"] = value
       else:
         out[f"middle_block.1.{rest}"] = value
-    elif parts[0] == "up_blocks":
-      b, kind = int(parts[1]), parts[2]
-      rest = ".".join(parts[4:])
-      if kind == "resnets":
-        out[f"output_blocks.{b * per_level + int(parts[3])}.0.{_resnet_name(rest)}"] = value
-      elif kind == "attentions":
-        out[f"output_blocks.{b * per_level + int(parts[3])}.1.{rest}"] = value
-      else:  # upsamplers.0.conv.*
-        slot = 2 if b in up_has_attention else 1
-        out[f"output_blocks.{b * per_level + layers_per_block}.{slot}.conv.{leaf}"] = value
     else:
       raise KeyError(f"unmapped diffusers key {key}")
   return out
-
-
-def randomize_(model: torch.nn.Module, seed: int) -> None:
-  """Every parameter random (zero-initialised ones too): std 1/sqrt(fan_in) for matrices/kernels,
-  N(1, 0.3) for norm scales, N(0, 0.3) for other vectors."""
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim >= 2:
-        p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(math.prod(p.shape[1:])))
-      elif name.endswith("weight") and "norm" in name:
-        p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
-      else:
-        p.copy_(0.3 * torch.randn(p.shape, generator=gen))
 
 
 def diffusers_unet_config(yaml_dict: dict) -> dict:

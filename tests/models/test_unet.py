@@ -13,8 +13,19 @@ import numpy as np
 import pytest
 
 from msfp_jax.checkpoint import CheckpointError
-from msfp_jax.models import (PRESETS, DDPMUNet, DDPMUNetConfig, InvalidModelConfigError, UnknownArchitectureError,
-                             abstract_params, build_model, load, load_extra_tree, registry, save_converted)
+from msfp_jax.models import (
+  PRESETS,
+  DDPMUNet,
+  DDPMUNetConfig,
+  InvalidModelConfigError,
+  UnknownArchitectureError,
+  abstract_params,
+  build_model,
+  load,
+  load_extra_tree,
+  registered_architectures,
+  save_converted,
+)
 from msfp_jax.models.attention import MatMul
 from msfp_jax.models.convert import ConversionError
 from msfp_jax.models.layers import timestep_embedding
@@ -279,8 +290,8 @@ def test_registry_builds_from_json_style_dicts_and_rejects_unknowns():
     build_model("ddpm_unet", {"chanels": 3})
   with pytest.raises(UnknownArchitectureError, match="registered architectures"):
     build_model("resnet50", {})
-  assert {"ddpm_unet", "ldm_unet", "vq_f4", "kl_f8"} <= set(registry())
-  assert registry()["kl_f8"].module == "msfp_jax.models.autoencoder"
+  assert {"ddpm_unet", "ldm_unet", "vq_f4", "kl_f8"} <= set(registered_architectures())
+  assert registered_architectures()["kl_f8"].module == "msfp_jax.models.autoencoder"
 
 
 def test_save_converted_and_load_round_trip(tiny, tmp_path):

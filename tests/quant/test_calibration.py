@@ -10,10 +10,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msfp_jax.quant import (ActivationStatistics, CalibrationError, FPFormat, InvalidQuantConfigError,
-                            QuantConfig, QuantRule, calibrate, collect_statistics, fake_quant, quantized_apply,
-                            search_activation_quantizer, search_weight_quantizer)
-from msfp_jax.quant.calibration import maxval_factors
+from msfp_jax.quant import (
+  ActivationStatistics,
+  CalibrationError,
+  FPFormat,
+  InvalidQuantConfigError,
+  QuantConfig,
+  QuantRule,
+  calibrate,
+  collect_statistics,
+  fake_quant,
+  quantized_apply,
+  search_activation_quantizer,
+  search_weight_quantizer,
+)
+from msfp_jax.quant.search import maxval_factors
 
 
 class DenseSiluDense(nn.Module):
@@ -141,7 +152,7 @@ def _brute_force_activation(samples, formats_and_zero_points, factors, top, on_g
         zs = np.array([-grid[np.argmin(np.abs(grid + z))] for grid in map(fmt.grid, maxvals)])
       else:
         zs = np.full(len(maxvals), z)
-      mse = jax.vmap(lambda m, z: jnp.mean((fake_quant(x, fmt, m, z) - x) ** 2))(
+      mse = jax.vmap(lambda m, z, fmt=fmt: jnp.mean((fake_quant(x, fmt, m, z) - x) ** 2))(
           jnp.asarray(maxvals, jnp.float32), jnp.asarray(zs, jnp.float32))
       q = int(jnp.argmin(mse))
       if best is None or float(mse[q]) < best[0]:
@@ -197,7 +208,7 @@ def test_weight_search_is_per_channel_and_equals_brute_force():
   totals = {}
   for fmt in FPFormat.candidates(4, signed=True):
     maxvals = jnp.asarray(factors[:, None] * absmax[None, :], jnp.float32)  # [C, out]
-    err = jax.vmap(lambda m: jnp.mean((fake_quant(rows, fmt, m) - rows) ** 2, axis=0))(maxvals)  # [C, out]
+    err = jax.vmap(lambda m, fmt=fmt: jnp.mean((fake_quant(rows, fmt, m) - rows) ** 2, axis=0))(maxvals)  # [C, out]
     best = np.argmin(np.asarray(err), axis=0)
     totals[fmt] = (float(np.asarray(err).min(axis=0).mean()), factors[best] * absmax)
   fmt = min(totals, key=lambda f: totals[f][0])
@@ -261,17 +272,14 @@ def test_nan_in_calibration_data_names_the_layer(toy):
     calibrate(log_model, log_variables, [(x,)], QuantConfig())
 
 
-def test_invalid_config_values_are_errors():
-  with pytest.raises(InvalidQuantConfigError, match="weight_bits"):
-    QuantConfig(weight_bits=1)
-  with pytest.raises(InvalidQuantConfigError, match="kind"):
-    QuantConfig(kind="float")
-  with pytest.raises(InvalidQuantConfigError, match="sign_mode"):
-    QuantConfig(sign_mode="both")
-  with pytest.raises(InvalidQuantConfigError, match="maxval_grid_min"):
-    QuantConfig(maxval_grid_min=0.0)
-  with pytest.raises(InvalidQuantConfigError, match="rules"):
-    QuantConfig(rules=("conv.*",))
+@pytest.mark.parametrize("field, value", [("weight_bits", 1), ("kind", "float"), ("sign_mode", "both"),
+                                          ("maxval_grid_min", 0.0), ("rules", ("conv.*",))])
+def test_invalid_config_values_are_errors(field, value):
+  with pytest.raises(InvalidQuantConfigError, match=field):
+    QuantConfig(**{field: value})
+
+
+def test_negative_exponent_bits_are_an_error():
   with pytest.raises(ValueError, match="exponent_bits must be >= 0"):
     FPFormat(-1, 2)
 

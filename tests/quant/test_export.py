@@ -4,7 +4,6 @@ Oracles: fake_quant itself (decode(encode(x)) must reproduce it bit for bit), ml
 the codes of formats it has, and numpy's unpackbits for the packed bit stream.
 """
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest

@@ -11,9 +11,21 @@ import numpy as np
 import pytest
 
 from msfp_jax.models.attention import MatMul
-from msfp_jax.quant import (FPFormat, LayerQuantState, QuantConfig, QuantRule, QuantState,
-                            QuantStateMismatchError, calibrate, fake_quant, load_quant_state, prequantize_weights,
-                            quantization_interceptor, quantized_apply, save_quant_state)
+from msfp_jax.quant import (
+  FPFormat,
+  LayerQuantState,
+  QuantConfig,
+  QuantRule,
+  QuantState,
+  QuantStateMismatchError,
+  calibrate,
+  fake_quant,
+  load_quant_state,
+  prequantize_weights,
+  quantization_interceptor,
+  quantized_apply,
+  save_quant_state,
+)
 
 
 class Block(nn.Module):
@@ -199,7 +211,7 @@ def test_state_from_another_model_is_an_error(calibrated):
 def test_quantizer_parameters_are_trainable_leaves(calibrated):
   model, variables, x, qstate = calibrated
   leaves = jax.tree.leaves(qstate)
-  assert len(leaves) == sum(2 + (l.act_zero_point is not None) for l in qstate.layers.values())
+  assert len(leaves) == sum(2 + (layer.act_zero_point is not None) for layer in qstate.layers.values())
   y_ref = model.apply(variables, x)
   loss = lambda s: jnp.mean((quantized_apply(model, variables, s, x) - y_ref) ** 2)
   grads = jax.jit(jax.grad(loss))(qstate)

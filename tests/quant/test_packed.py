@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msfp_jax.quant import QuantConfig, calibrate, prequantize_weights, quantized_apply
-from msfp_jax.quant import packed
+from msfp_jax.quant import QuantConfig, calibrate, packed, prequantize_weights, quantized_apply
 
 
 class ConvNet(nn.Module):

@@ -6,8 +6,16 @@ import jax
 import numpy as np
 import pytest
 
-from msfp_jax.quant import (QuantConfig, calibrate, format_report_table, layer_report, plot_activation_histograms,
-                            print_report, save_report_json, write_report)
+from msfp_jax.quant import (
+  QuantConfig,
+  calibrate,
+  format_report_table,
+  layer_report,
+  plot_activation_histograms,
+  print_report,
+  save_report_json,
+  write_report,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

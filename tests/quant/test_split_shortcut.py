@@ -11,8 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msfp_jax.quant import (QuantConfig, QuantRule, QuantState, calibrate, discover_layers, fake_quant,
-                            format_report_table, layer_report, load_quant_state, quantized_apply, save_quant_state)
+from msfp_jax.quant import (
+  QuantConfig,
+  QuantRule,
+  QuantState,
+  calibrate,
+  discover_layers,
+  fake_quant,
+  format_report_table,
+  layer_report,
+  load_quant_state,
+  quantized_apply,
+  save_quant_state,
+)
 
 
 class Concat(nn.Module):

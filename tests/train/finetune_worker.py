@@ -25,14 +25,19 @@ cache = os.environ.get("JAX_COMPILATION_CACHE_DIR")
 if cache:
   jax.config.update("jax_compilation_cache_dir", cache)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-if args.process is not None:
-  jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.processes,
-                             process_id=args.process)
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from msfp_jax.train import (
+  distributed,  # noqa: E402
+  finetune,  # noqa: E402
+)
+
+if args.process is not None:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  # Through the job's own launch path (checked before jax.distributed.initialize is called).
+  distributed.maybe_initialize({"initialize": True, "coordinator_address": f"127.0.0.1:{args.port}",
+                                "num_processes": args.processes, "process_id": args.process})
 import tiny_setup  # noqa: E402
-from msfp_jax.train import finetune  # noqa: E402
 
 config = tiny_setup.tiny_config(args.model_dir, **{"finetune.num_steps": args.num_steps,
                                                  "finetune.checkpoint_every": args.num_steps})

@@ -13,23 +13,14 @@ REPO = HERE.parents[1]
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(REPO))
 import tiny_setup  # noqa: E402
-from configs import default  # noqa: E402
 
-
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
+from msfp_jax.config_record import flatten  # noqa: E402
+from msfp_jax.configs import default  # noqa: E402
 
 model_dir, workdir = sys.argv[1:3]
-want = _flat(tiny_setup.tiny_config(model_dir, **{"finetune.num_steps": 8,
-                                                 "finetune.checkpoint_every": 4}).to_dict())
-base = _flat(default.get_config().to_dict())
+want = flatten(tiny_setup.tiny_config(model_dir, **{"finetune.num_steps": 8,
+                                                   "finetune.checkpoint_every": 4}).to_dict())
+base = flatten(default.get_config().to_dict())
 overrides = [f"--config.{k}={v}" for k, v in want.items() if base.get(k) != v]
 
 from msfp_jax import checkpoint  # noqa: E402
@@ -46,8 +37,9 @@ def _slow_save(self, step, state, **kw):
 checkpoint.CheckpointManager.save = _slow_save
 
 from absl import app  # noqa: E402
+
 from msfp_jax import main as cli  # noqa: E402
 
-sys.argv = ["msfp_jax.main", f"--config={REPO / 'configs' / 'default.py'}", f"--workdir={workdir}",
+sys.argv = ["msfp_jax.main", f"--config={REPO / 'msfp_jax' / 'configs' / 'default.py'}", f"--workdir={workdir}",
             "--mode=finetune", *overrides]
 app.run(cli.main)

@@ -8,6 +8,7 @@ import pathlib
 import socket
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
@@ -17,6 +18,7 @@ from msfp_jax import checkpoint
 from msfp_jax.train import finetune as finetune_lib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import fakes  # noqa: E402
 import tiny_setup  # noqa: E402
 
 NUM_STEPS = 24
@@ -83,23 +85,10 @@ def test_only_lora_router_and_quantizer_parameters_train(reference_run, tiny_mod
 def test_killed_run_resumes_to_identical_final_params(reference_run, tiny_model_dir, tmp_path, monkeypatch):
   _, reference = reference_run
   real_progress = finetune_lib.metrics.progress
-
-  class Killed(Exception):
-    pass
-
-  def dying_progress(total, writer=None, **kw):
-    reporter = real_progress(total, writer, **kw)
-
-    class Dying:
-      def report(self, step):
-        reporter.report(step)
-        if step == 13:  # after the checkpoint at step 8, before the one at 16
-          raise Killed()
-    return Dying()
-
   config = _config(tiny_model_dir)
-  monkeypatch.setattr(finetune_lib.metrics, "progress", dying_progress)
-  with pytest.raises(Killed):
+  # Killed after step 13: after the checkpoint at step 8, before the one at 16.
+  monkeypatch.setattr(finetune_lib.metrics, "progress", fakes.progress_with_fault(real_progress, 13))
+  with pytest.raises(fakes.Killed):
     finetune_lib.finetune(config, tmp_path)
   monkeypatch.setattr(finetune_lib.metrics, "progress", real_progress)
   resumed = finetune_lib.finetune(config, tmp_path)
@@ -144,7 +133,7 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _run_workers(tiny_model_dir, workdir, num_steps, *, devices=1, processes=1):
+def _start_workers(tiny_model_dir, workdir, num_steps, *, devices=1, processes=1) -> list[tuple]:
   env = dict(os.environ)
   port = _free_port()
   cmds = []
@@ -153,8 +142,22 @@ def _run_workers(tiny_model_dir, workdir, num_steps, *, devices=1, processes=1):
     if processes > 1:
       cmd += ["--process", str(i), "--processes", str(processes), "--port", str(port)]
     cmds.append(cmd)
-  procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) for c in cmds]
-  outputs = [p.communicate(timeout=900)[0] for p in procs]
+  # Output to files, not pipes: a worker must never block on a full pipe while the test waits on another one.
+  workers = []
+  for c in cmds:
+    out = tempfile.TemporaryFile("w+")
+    workers.append((subprocess.Popen(c, stdout=out, stderr=subprocess.STDOUT, text=True, env=env), out))
+  return workers
+
+
+def _results(workers: list[tuple]) -> list[dict]:
+  procs, outputs = [], []
+  for p, out in workers:
+    p.wait(timeout=900)
+    out.seek(0)
+    procs.append(p)
+    outputs.append(out.read())
+    out.close()
   for p, out in zip(procs, outputs):
     assert p.returncode == 0, out[-3000:]
   results = [json.loads(line[len("RESULT "):]) for out in outputs for line in out.splitlines()
@@ -169,9 +172,11 @@ def test_eight_devices_and_two_processes_match_one_device(tiny_model_dir, tmp_pa
   # (a few ulps at a rounding boundary). On this model such flips barely move the loss; on the built-in model
   # (configs/default.py) one flipped code cascades through the decoder and step 1 differs by ~1 % (8 devices),
   # later steps by up to ~15 %, so loss curves must not be compared across device counts there.
-  one = _run_workers(tiny_model_dir, tmp_path / "one", 3)[0]
-  eight = _run_workers(tiny_model_dir, tmp_path / "eight", 3, devices=8)[0]
-  two_procs = _run_workers(tiny_model_dir, tmp_path / "two", 3, processes=2)
+  # The three jobs run at once: each is mostly single-threaded XLA compilation.
+  jobs = [_start_workers(tiny_model_dir, tmp_path / "one", 3),
+          _start_workers(tiny_model_dir, tmp_path / "eight", 3, devices=8),
+          _start_workers(tiny_model_dir, tmp_path / "two", 3, processes=2)]
+  (one,), (eight,), two_procs = [_results(workers) for workers in jobs]
   assert eight["devices"] == 8 and two_procs[0]["devices"] == 2 and len(two_procs) == 2
   np.testing.assert_allclose(eight["losses"], one["losses"], rtol=2e-3)
   np.testing.assert_allclose(two_procs[0]["losses"], one["losses"], rtol=2e-3)

@@ -15,11 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from msfp_jax import checkpoint
-from msfp_jax import guards
+from msfp_jax import checkpoint, guards
 from msfp_jax.train import finetune as finetune_lib
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import fakes  # noqa: E402
 import tiny_setup  # noqa: E402
 
 NUM_STEPS = 8
@@ -131,26 +131,12 @@ def test_nan_names_the_fields_to_change(tiny_model_dir, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------- kills
-class Killed(BaseException):
-  """Stands for SIGKILL: nothing after it runs (not even `except Exception` handlers)."""
-
-
 def test_kill_between_saves_leaves_one_record_per_step(reference, tiny_model_dir, tmp_path, monkeypatch):
   real_progress = finetune_lib.metrics.progress
-
-  def dying_progress(total, writer=None, **kw):
-    reporter = real_progress(total, writer, **kw)
-
-    class Dying:
-      def report(self, step):
-        reporter.report(step)
-        if step == 6:  # steps 5 and 6 are logged, the checkpoint of step 4 is the newest
-          raise Killed()
-    return Dying()
-
   config = _config(tiny_model_dir)
-  monkeypatch.setattr(finetune_lib.metrics, "progress", dying_progress)
-  with pytest.raises(Killed):
+  # Killed after step 6: steps 5 and 6 are logged, the checkpoint of step 4 is the newest.
+  monkeypatch.setattr(finetune_lib.metrics, "progress", fakes.progress_with_fault(real_progress, 6))
+  with pytest.raises(fakes.Killed):
     finetune_lib.finetune(config, tmp_path)
   assert [r["step"] for r in _records(tmp_path)] == [1, 2, 3, 4, 5, 6]
   monkeypatch.setattr(finetune_lib.metrics, "progress", real_progress)
@@ -166,15 +152,9 @@ def test_kill_during_a_save_leaves_one_record_per_step(reference, tiny_model_dir
   """The condition of the 70 records for 60 steps: step 8's record is written, then its save never completes
   (killed inside orbax), so the run resumes from step 4 and logs steps 5-8 again."""
   real_save = checkpoint.CheckpointManager.save
-
-  def dying_save(self, step, state, **kw):
-    if step == 8:
-      raise Killed()
-    return real_save(self, step, state, **kw)
-
   config = _config(tiny_model_dir)
-  monkeypatch.setattr(checkpoint.CheckpointManager, "save", dying_save)
-  with pytest.raises(Killed):
+  monkeypatch.setattr(checkpoint.CheckpointManager, "save", fakes.save_with_fault(real_save, 8))
+  with pytest.raises(fakes.Killed):
     finetune_lib.finetune(config, tmp_path)
   assert [r["step"] for r in _records(tmp_path)][-1] == 8
   assert checkpoint.CheckpointManager(tmp_path / finetune_lib.CHECKPOINT_DIR).all_steps() == [4]
@@ -186,30 +166,25 @@ def test_kill_during_a_save_leaves_one_record_per_step(reference, tiny_model_dir
 
 
 # ----------------------------------------------------------------------------------------------- a corrupted checkpoint
-def _truncate_largest_state_file(step_dir: pathlib.Path) -> pathlib.Path:
-  files = sorted((p for p in (step_dir / "state").rglob("*") if p.is_file()), key=lambda p: -p.stat().st_size)
-  with open(files[0], "r+b") as f:
-    f.truncate(files[0].stat().st_size // 2)
-  return files[0]
-
-
 def test_corrupted_latest_checkpoint_falls_back_to_the_newest_that_restores(reference, tiny_model_dir, tmp_path,
                                                                            capsys):
   import shutil
   ref_dir, ref = reference
   shutil.copytree(ref_dir, tmp_path, dirs_exist_ok=True)
   ckpt_dir = tmp_path / finetune_lib.CHECKPOINT_DIR
-  _truncate_largest_state_file(ckpt_dir / str(NUM_STEPS))
+  fakes.truncate_checkpoint_data(ckpt_dir / str(NUM_STEPS))
   capsys.readouterr()
   resumed = finetune_lib.finetune(_config(tiny_model_dir), tmp_path)
   out = capsys.readouterr()
   text = out.out + out.err
-  assert f"step {NUM_STEPS}" in text and "could not be restored" in text and "Using the newest one that restores, step 4" in text, text
+  assert f"step {NUM_STEPS}" in text and "could not be restored" in text, text
+  assert "Using the newest one that restores, step 4" in text, text
   # Steps 5-8 are recomputed from step 4, bit-identical; the unreadable checkpoint was moved aside, not deleted.
   assert resumed.step == NUM_STEPS
   _assert_same_params(resumed.params, ref.params)
   assert checkpoint.CheckpointManager(ckpt_dir).all_steps() == [4, 8]
-  assert any(p.name.startswith(str(NUM_STEPS)) for p in (tmp_path / (finetune_lib.CHECKPOINT_DIR + "_unreadable")).iterdir())
+  set_aside = tmp_path / (finetune_lib.CHECKPOINT_DIR + "_unreadable")
+  assert any(p.name.startswith(str(NUM_STEPS)) for p in set_aside.iterdir())
   assert [r["step"] for r in _records(tmp_path)] == list(range(1, NUM_STEPS + 1))
   # The later stages read the repaired checkpoint.
   _assert_same_params(finetune_lib.load_finetuned(_config(tiny_model_dir), tmp_path).params, ref.params)
@@ -218,7 +193,7 @@ def test_corrupted_latest_checkpoint_falls_back_to_the_newest_that_restores(refe
 def test_load_finetuned_names_an_unreadable_checkpoint_and_the_way_out(reference, tiny_model_dir, tmp_path):
   import shutil
   shutil.copytree(reference[0], tmp_path, dirs_exist_ok=True)
-  _truncate_largest_state_file(tmp_path / finetune_lib.CHECKPOINT_DIR / str(NUM_STEPS))
+  fakes.truncate_checkpoint_data(tmp_path / finetune_lib.CHECKPOINT_DIR / str(NUM_STEPS))
   with pytest.raises(checkpoint.CheckpointError, match=r"step 8 .*could not be read.*--mode=finetune"):
     finetune_lib.load_finetuned(_config(tiny_model_dir), tmp_path)
 
@@ -227,19 +202,9 @@ def test_load_finetuned_names_an_unreadable_checkpoint_and_the_way_out(reference
 def test_sigterm_stops_at_a_step_boundary_saves_and_resumes(reference, tiny_model_dir, tmp_path, monkeypatch,
                                                            capsys):
   real_progress = finetune_lib.metrics.progress
-
-  def signalling_progress(total, writer=None, **kw):
-    reporter = real_progress(total, writer, **kw)
-
-    class Signalling:
-      def report(self, step):
-        reporter.report(step)
-        if step == 5:
-          os.kill(os.getpid(), signal.SIGTERM)
-    return Signalling()
-
   config = _config(tiny_model_dir)
-  monkeypatch.setattr(finetune_lib.metrics, "progress", signalling_progress)
+  monkeypatch.setattr(finetune_lib.metrics, "progress",
+                      fakes.progress_with_fault(real_progress, 5, fault=fakes.send_sigterm))
   with pytest.raises(guards.TrainingInterrupted) as info:
     finetune_lib.finetune(config, tmp_path)
   assert info.value.code == 128 + signal.SIGTERM and info.value.step == 5

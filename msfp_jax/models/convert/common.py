@@ -11,24 +11,24 @@ Embedding weight -> embedding (unchanged).
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax
 import jax
 import numpy as np
+import yaml
 
-
-class ConversionError(ValueError):
-  """A checkpoint cannot be converted: wrong kind of file, other architecture, or keys/shapes that differ."""
-
+from msfp_jax import checkpoint
+from msfp_jax.models.tree_check import SEPARATOR as _SEPARATOR
+from msfp_jax.models.tree_check import ConversionError, raise_on_tree_mismatch  # noqa: F401  (re-exported)
 
 # Flax leaf name -> PyTorch parameter name.
 _TORCH_LEAF_NAME = {"kernel": "weight", "scale": "weight", "bias": "bias", "embedding": "weight"}
 
 # Keys that carry no parameters and are dropped silently.
 IGNORED_KEY_SUFFIXES = ("num_batches_tracked",)
-
-MAX_LISTED = 30  # per category, in error messages
 
 
 def torch_to_flax_array(leaf_name: str, array: np.ndarray, expected_ndim: int) -> np.ndarray:
@@ -47,6 +47,13 @@ def torch_to_flax_array(leaf_name: str, array: np.ndarray, expected_ndim: int) -
   return a
 
 
+def read_yaml(path: str | os.PathLike, *, what: str, syntax: str = "YAML") -> Any:
+  """The parsed YAML (or JSON) file `path`: FileNotFoundError calling it `what` when it is absent,
+  ConversionError when it does not parse as `syntax`."""
+  return checkpoint.parse_file(path, yaml.safe_load, yaml.YAMLError, syntax=syntax, error=ConversionError,
+                               missing=lambda p: FileNotFoundError(f"{what} {p} does not exist."))
+
+
 def strip_prefix(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
   """Removes `prefix` from the keys when every key carries it (DataParallel's 'module.')."""
   if state_dict and all(k.startswith(prefix) for k in state_dict):
@@ -59,22 +66,6 @@ def _flat_leaves(tree: Any) -> dict[tuple[str, ...], Any]:
   for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
     flat[tuple(getattr(p, "key", getattr(p, "name", str(p))) for p in path)] = leaf
   return flat
-
-
-def _unflatten(flat: dict[tuple[str, ...], Any]) -> dict:
-  tree: dict = {}
-  for path, leaf in flat.items():
-    node = tree
-    for name in path[:-1]:
-      node = node.setdefault(name, {})
-    node[path[-1]] = leaf
-  return tree
-
-
-def _listing(title: str, items: list[str]) -> str:
-  shown = items[:MAX_LISTED]
-  more = f" ... and {len(items) - MAX_LISTED} more" if len(items) > MAX_LISTED else ""
-  return f"{title} ({len(items)}): " + ", ".join(shown) + more
 
 
 def convert_state_dict(state_dict: Mapping[str, Any], expected_params: Any,
@@ -109,18 +100,13 @@ def convert_state_dict(state_dict: Mapping[str, Any], expected_params: Any,
       continue
     out[path] = value.astype(np.float32)
   unexpected = sorted(k for k in state_dict if k not in used and not k.endswith(IGNORED_KEY_SUFFIXES))
-  if missing or unexpected or misshaped:
-    parts = [f"The {source} does not match the model"]
-    if missing:
-      parts.append(_listing("missing keys", missing))
-    if unexpected:
-      parts.append(_listing("unexpected keys", unexpected))
-    if misshaped:
-      parts.append(_listing("mis-shaped keys", misshaped))
-    raise ConversionError(". ".join(parts) + "." + (f" {hint}" if hint else ""))
+  problems = checkpoint.mismatch_listing(missing, unexpected, misshaped, noun="keys", separator=_SEPARATOR)
+  if problems:
+    raise ConversionError(f"The {source} does not match the model{_SEPARATOR}{problems}."
+                          + (f" {hint}" if hint else ""))
   raise_on_nonfinite({f"{torch_module_for(tuple(path[:-1]))}.{_TORCH_LEAF_NAME.get(path[-1], path[-1])}": value
                       for path, value in out.items()}, source=source)
-  return _unflatten(out)
+  return flax.traverse_util.unflatten_dict(out)
 
 
 def raise_on_nonfinite(tensors: Mapping[str, np.ndarray], *, source: str = "checkpoint") -> None:
@@ -136,24 +122,7 @@ def raise_on_nonfinite(tensors: Mapping[str, np.ndarray], *, source: str = "chec
       bad.append(f"{name} ({count} of {value.size} values)")
   if bad:
     raise ConversionError(f"The {source} holds NaN/Inf weights, so it cannot be converted: "
-                          f"{_listing('tensors', bad)}. Convert a checkpoint saved before its training run "
+                          f"{checkpoint.listing('tensors', bad)}. Convert a checkpoint saved before its training run "
                           "diverged, or fetch the file again if it was corrupted.")
 
 
-def raise_on_tree_mismatch(expected: Any, actual: Any, *, what: str = "parameters") -> None:
-  """Raises ConversionError naming missing / unexpected / mis-shaped leaves of `actual` against `expected`."""
-  exp = {"/".join(p): leaf for p, leaf in _flat_leaves(expected).items()}
-  act = {"/".join(p): leaf for p, leaf in _flat_leaves(actual).items()}
-  missing = sorted(set(exp) - set(act))
-  unexpected = sorted(set(act) - set(exp))
-  misshaped = sorted(f"{k} {tuple(np.shape(act[k]))} (expected {tuple(exp[k].shape)})"
-                     for k in set(exp) & set(act) if tuple(np.shape(act[k])) != tuple(exp[k].shape))
-  if missing or unexpected or misshaped:
-    parts = [f"The {what} do not match the architecture"]
-    if missing:
-      parts.append(_listing("missing", missing))
-    if unexpected:
-      parts.append(_listing("unexpected", unexpected))
-    if misshaped:
-      parts.append(_listing("mis-shaped", misshaped))
-    raise ConversionError(". ".join(parts) + ".")

@@ -25,10 +25,12 @@ from typing import Any
 import jax
 import numpy as np
 
+from msfp_jax import checkpoint
 from msfp_jax.models import autoencoder, ldm_presets
 from msfp_jax.models.autoencoder import AutoencoderConfig
-from msfp_jax.models.convert.common import ConversionError, convert_state_dict
+from msfp_jax.models.convert.common import ConversionError, convert_state_dict, read_yaml
 from msfp_jax.models.ldm_unet import LDMUNetConfig, init_shapes
+from msfp_jax.models.registry import MODEL_CONFIG_FILE, save_converted
 
 UNET_PREFIX = "model.diffusion_model."
 EMA_PREFIX = "model_ema."
@@ -53,7 +55,7 @@ class LDMConfig:
     scale_factor: latent scale (the checkpoint's `scale_factor` buffer wins when it has one).
     scale_by_std: the checkpoint must carry its fitted `scale_factor` buffer.
     conditioning: {"kind": "none"} or {"kind": "class", "num_classes", "null_class"}.
-    schedule: {"kind", "beta_start", "beta_end", "num_timesteps"} for msfp_jax.diffusion.make_schedule.
+    schedule: {"kind", "beta_start", "beta_end", "num_timesteps"}: the arguments of msfp_jax.diffusion.make_schedule.
     source: where this came from ("preset cin256-v2", "config model.yaml"), for messages.
   """
   unet: LDMUNetConfig
@@ -98,8 +100,11 @@ _FIRST_STAGE_IGNORED = {"ckpt_path", "monitor", "lossconfig", "ignore_keys", "im
                         "sane_index_shape", "batch_resize_range", "scheduler_config", "lr_g_factor",
                         "use_ema"}
 _FIRST_STAGE_REQUIRED_VALUE = {"remap": None}
-# ldm.modules.diffusionmodules.util.make_beta_schedule -> msfp_jax.diffusion.make_schedule kinds.
+# ldm.modules.diffusionmodules.util.make_beta_schedule -> the recorded schedule kinds (msfp_jax.diffusion's
+# make_schedule names; the model directory records the schedule as data, its users build it).
 _BETA_SCHEDULES = {"linear": "scaled_linear", "sqrt_linear": "linear", "cosine": "cosine"}
+# make_beta_schedule's cosine offset s.
+_COSINE_OFFSET = 8e-3
 
 
 def _require(mapping: Mapping, key: str, where: str):
@@ -136,15 +141,7 @@ def config_from_yaml(source: str | os.PathLike | Mapping) -> LDMConfig:
   if isinstance(source, Mapping):
     data, name = source, "mapping"
   else:
-    import yaml
-    path = pathlib.Path(source)
-    if not path.is_file():
-      raise FileNotFoundError(f"LDM config {path} does not exist.")
-    try:
-      data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-      raise ConversionError(f"{path} is not valid YAML: {e}") from e
-    name = str(path)
+    data, name = read_yaml(source, what="LDM config"), str(pathlib.Path(source))
   model = _require(data, "model", "(top level)")
   params = _require(model, "params", "model")
 
@@ -338,15 +335,35 @@ def _float_buffer(state_dict, key) -> float | None:
   return float(value.reshape(()))
 
 
+def compvis_betas(schedule: Mapping[str, Any]) -> np.ndarray:
+  """The betas (float64 [T]) CompVis' make_beta_schedule makes for a recorded schedule {"kind", ...}.
+
+  Written from the checkpoint format's own definition rather than taken from msfp_jax.diffusion, so that the
+  converters know nothing of the diffusion package; a test checks both give the same betas for every kind.
+  """
+  kind, num_timesteps = schedule["kind"], int(schedule["num_timesteps"])
+  start, end = float(schedule["beta_start"]), float(schedule["beta_end"])
+  if kind == "cosine":
+    steps = np.arange(num_timesteps + 1, dtype=np.float64) / num_timesteps + _COSINE_OFFSET
+    alphas_cumprod = np.cos(steps / (1 + _COSINE_OFFSET) * np.pi / 2) ** 2
+    return np.clip(1 - alphas_cumprod[1:] / alphas_cumprod[:-1], 0.0, 0.999)
+  if kind not in _BETA_SCHEDULES.values():
+    raise ValueError(f"unknown schedule kind {kind!r}; one of {sorted(_BETA_SCHEDULES.values())}")
+  if not 0 < start <= end < 1:
+    raise ValueError(f"need 0 < beta_start <= beta_end < 1, got beta_start={start}, beta_end={end}")
+  if kind == "scaled_linear":  # CompVis "linear": sqrt(beta) evenly spaced
+    return np.linspace(start ** 0.5, end ** 0.5, num_timesteps, dtype=np.float64) ** 2
+  return np.linspace(start, end, num_timesteps, dtype=np.float64)  # CompVis "sqrt_linear"
+
+
 def _check_schedule(state_dict, config: LDMConfig) -> None:
   """The checkpoint's `betas` buffer (when present) must be the configured schedule."""
   if "betas" not in state_dict or not config.schedule:
     return
-  from msfp_jax.diffusion import make_schedule
   betas = np.asarray(state_dict["betas"], dtype=np.float64).reshape(-1)
   s = config.schedule
   try:
-    expected = make_schedule(s["kind"], s["num_timesteps"], s["beta_start"], s["beta_end"]).betas
+    expected = compvis_betas(s)
   except ValueError as e:
     raise ConversionError(f"{config.source}: invalid noise schedule {s}: {e}") from e
   if betas.shape != expected.shape or not np.allclose(betas, expected, rtol=1e-5, atol=1e-9):
@@ -434,7 +451,7 @@ def convert_compvis(checkpoint_obj: Any, dst: str | os.PathLike, *, config_yaml:
   """Converts a loaded CompVis LDM checkpoint into DST (UNet, first stage, conditioning, schedule).
 
   Args:
-    checkpoint_obj: the loaded file (msfp_jax.models.convert.torch_pickle.load_torch_file), a Lightning
+    checkpoint_obj: the loaded file (msfp_jax.torch_pickle.load_torch_file), a Lightning
       dict with "state_dict" or the state dict itself.
     dst: output directory; `msfp_jax.models.load(dst)` returns the UNet, `load_first_stage(dst)` the
       autoencoder (msfp_jax.models.ldm_unet).
@@ -447,12 +464,6 @@ def convert_compvis(checkpoint_obj: Any, dst: str | os.PathLike, *, config_yaml:
   Returns:
     The written model_config dict.
   """
-  import importlib
-
-  from msfp_jax import checkpoint
-  # The module (msfp_jax.models re-exports a function of the same name).
-  registry = importlib.import_module("msfp_jax.models.registry")
-
   if config_yaml is not None and preset is not None:
     raise ValueError("Give either config_yaml (--config) or preset (--preset), not both.")
   state_dict = compvis_state_dict(checkpoint_obj)
@@ -462,7 +473,7 @@ def convert_compvis(checkpoint_obj: Any, dst: str | os.PathLike, *, config_yaml:
     config = config_from_preset(preset if preset is not None else detect_preset(state_dict))
   unet_params, fs_params, info = convert_compvis_state_dict(state_dict, config, use_ema=use_ema)
   dst = pathlib.Path(dst)
-  registry.save_converted(
+  save_converted(
       dst, "ldm_unet", config.unet.to_dict(), unet_params,
       extra_trees={"first_stage_params": fs_params},
       extra_config={
@@ -472,9 +483,9 @@ def convert_compvis(checkpoint_obj: Any, dst: str | os.PathLike, *, config_yaml:
           "schedule": dict(config.schedule),
           "source": {"format": "compvis", "from": config.source, "weights": info["weights"]},
       })
-  return checkpoint.load_json(dst / registry.MODEL_CONFIG_FILE)
+  return checkpoint.load_json(dst / MODEL_CONFIG_FILE)
 
 
-__all__ = ["LDMConfig", "config_from_preset", "config_from_yaml", "convert_compvis", "convert_compvis_state_dict",
-           "compvis_state_dict", "detect_first_stage", "detect_preset", "ema_key", "first_stage_torch_module",
-           "unet_torch_module"]
+__all__ = ["LDMConfig", "compvis_betas", "compvis_state_dict", "config_from_preset", "config_from_yaml",
+           "convert_compvis", "convert_compvis_state_dict", "detect_first_stage", "detect_preset", "ema_key",
+           "first_stage_torch_module", "unet_torch_module"]

@@ -12,10 +12,12 @@ import re
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import load_file
 
 from msfp_jax.models.convert.common import ConversionError, convert_state_dict
 from msfp_jax.models.registry import abstract_params, save_converted
 from msfp_jax.models.unet import DDPMUNet, DDPMUNetConfig, InvalidModelConfigError
+from msfp_jax.torch_pickle import load_torch_file
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 _DOWN_TYPES = ("DownBlock2D", "AttnDownBlock2D")
@@ -197,12 +199,10 @@ def read_diffusers_weights(folder: pathlib.Path) -> dict[str, np.ndarray]:
 def read_weights_file(path: pathlib.Path) -> dict[str, np.ndarray]:
   """A safetensors file (safetensors.numpy) or a PyTorch pickle (torch-free reader) as a flat numpy dict."""
   if path.suffix == ".safetensors":
-    from safetensors.numpy import load_file
     try:
       return dict(load_file(str(path)))
     except Exception as e:  # safetensors raises its own error types for corrupt headers
       raise ConversionError(f"{path} is not a readable safetensors file: {e}") from e
-  from msfp_jax.models.convert.torch_pickle import load_torch_file
   try:
     obj = load_torch_file(path)
   except Exception as e:

@@ -90,7 +90,7 @@ def infer_config(state_dict: Mapping[str, Any], *, resolution: int | None = None
                 resamp_with_conv=len(levels) == 1 or "down.0.downsample.conv.weight" in state_dict,
                 mid_attention=any(k.startswith("mid.attn_1.") for k in state_dict))
   if resolution is None:
-    for name, p in PRESETS.items():
+    for p in PRESETS.values():
       same = all(getattr(p, k) == v for k, v in fields.items())
       if same and [p.level_resolutions.index(r) for r in p.attn_resolutions] == attn_levels:
         resolution = p.resolution

@@ -3,36 +3,28 @@ their state dicts into the pytorch_diffusion layout. Tests get them through the 
 --import-mode=importlib a conftest cannot be imported by name)."""
 from __future__ import annotations
 
-import math
+import pathlib
 import re
+import sys
 import types
 
 import numpy as np
 import pytest
 import torch
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from reference_helpers import randomize_  # noqa: E402
+
 torch.set_default_dtype(torch.float32)
 
 
 def random_diffusers_unet(seed: int = 0, **config):
-  """A diffusers UNet2DModel whose every parameter (zero-initialised ones included) is random normal.
-
-  Weights get std 1/sqrt(fan_in) so activations stay O(1) through the network; 1-D parameters (biases,
-  GroupNorm scales/offsets, embeddings) get N(0 or 1, 0.3) so none is trivially zero or one.
-  """
+  """A diffusers UNet2DModel whose every parameter (zero-initialised ones included) is random normal
+  (`reference_helpers.randomize_`)."""
   from diffusers import UNet2DModel
   torch.manual_seed(seed)
   model = UNet2DModel(**config).eval()
-  gen = torch.Generator().manual_seed(seed + 1)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if p.ndim >= 2:
-        fan_in = math.prod(p.shape[1:])
-        p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(fan_in))
-      elif name.endswith("weight") and "norm" in name:
-        p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
-      else:
-        p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+  randomize_(model, seed + 1)
   return model
 
 

@@ -18,9 +18,9 @@ import torch
 import yaml
 
 from msfp_jax import convert as convert_cli
+from msfp_jax.diffusion import make_schedule
 from msfp_jax.models import load
-from msfp_jax.models.convert import ConversionError
-from msfp_jax.models.convert import compvis
+from msfp_jax.models.convert import ConversionError, compvis
 from msfp_jax.models.convert.common import convert_state_dict
 from msfp_jax.models.ldm_unet import init_shapes, load_first_stage
 
@@ -133,7 +133,7 @@ def test_ema_weights_are_chosen_unless_told_otherwise(cin_like, tmp_path):
   network = {k: v for k, v in sd.items() if k.startswith(("model.diffusion_model.", "cond_stage_model."))}
   shifted = {k: (v + 0.5 if k.startswith("model.diffusion_model.") else v) for k, v in network.items()}
   # Through the file reader too: the dot-less EMA names must survive torch.save / load_torch_file.
-  from msfp_jax.models.convert.torch_pickle import load_torch_file
+  from msfp_jax.torch_pickle import load_torch_file
   obj = load_torch_file(_write(tmp_path, _lightning(_ema_copy(sd))))
   state_dict = compvis.compvis_state_dict(obj)
   assert "model_ema.diffusion_modelinput_blocks00weight" in state_dict
@@ -203,6 +203,14 @@ def test_missing_unexpected_misshaped_and_yaml_mismatch_are_named(cin_like):
   data["model"]["params"]["unet_config"]["params"]["transformer_depth"] = 1
   with pytest.raises(ConversionError, match="'betas'"):
     compvis.convert_compvis_state_dict(sd, compvis.config_from_yaml(data))
+
+
+@pytest.mark.parametrize("kind", ["scaled_linear", "linear", "cosine"])
+def test_the_betas_check_uses_the_schedules_the_sampler_uses(kind):
+  # The converter checks a checkpoint's betas with CompVis' formula (the models package knows nothing of
+  # msfp_jax.diffusion); the converted model is sampled with diffusion's make_schedule: they must agree.
+  schedule = {"kind": kind, "beta_start": 0.0015, "beta_end": 0.0195, "num_timesteps": 1000}
+  np.testing.assert_allclose(compvis.compvis_betas(schedule), make_schedule(**schedule).betas, rtol=1e-12)
 
 
 def test_yaml_parsing_errors_name_the_key():

@@ -7,7 +7,6 @@ renamed by an independent mapping (conftest), so they must convert to exactly th
 from __future__ import annotations
 
 import json
-import pathlib
 
 import jax
 import numpy as np

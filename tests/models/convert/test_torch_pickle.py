@@ -9,15 +9,19 @@ import pickle
 import typing
 import zipfile
 
-import torch
-
 import ml_dtypes
 import numpy as np
 import pytest
+import torch
 
-from msfp_jax.models.convert.torch_pickle import (PickledObject, TorchFileError, is_torchscript_archive,
-                                                  load_torch_file, load_torchscript_state_dict,
-                                                  pickled_module_state_dict)
+from msfp_jax.torch_pickle import (
+  PickledObject,
+  TorchFileError,
+  is_torchscript_archive,
+  load_torch_file,
+  load_torchscript_state_dict,
+  pickled_module_state_dict,
+)
 
 # Written out independently of the module under test.
 NUMPY_DTYPE_OF = {

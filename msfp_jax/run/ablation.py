@@ -1,0 +1,195 @@
+"""The ablation table: every variant of config.ablation.variants, for every seed, with the same budgets.
+
+Each (variant, seed) runs in WORKDIR/<variant slug>/seed_<s> (calibrate, fine-tune when the variant is scored
+after fine-tuning, then score) and leaves result.json there; a rerun of the same command skips finished pairs,
+and an interrupted fine-tune resumes from its last checkpoint. The table (mean and spread over seeds) is written
+to WORKDIR/ablation.md and WORKDIR/ablation.json.
+"""
+from __future__ import annotations
+
+import copy
+import pathlib
+import re
+import time
+
+import numpy as np
+from absl import logging
+
+from msfp_jax import checkpoint, evaluation, metrics, stage_inputs
+from msfp_jax.data import digits
+from msfp_jax.evaluation import digits_score, paired
+from msfp_jax.run import protocol as protocol_lib
+from msfp_jax.run.evaluate import fd_to_fp, reference_statistics
+from msfp_jax.run.models import Models
+from msfp_jax.run.sample import per_step_errors
+from msfp_jax.train import calibration, finetune, pipeline
+
+RESULT_FILE = "result.json"
+
+
+def slug(name: str) -> str:
+  return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def variant_config(config, overrides, seed: int):
+  """The base experiment with a variant's overrides and a seed (calibration and fine-tuning noise follow it)."""
+  variant = copy.deepcopy(config)
+  variant.unlock()
+  del variant["ablation"]
+  for field, value in overrides:
+    node = variant
+    *parents, leaf = field.split(".")
+    for parent in parents:
+      node = node[parent]
+    if leaf not in node:
+      raise ValueError(f"Ablation override {field!r} names no config field.")
+    node[leaf] = value
+  variant.seed = int(seed)
+  variant.calibration.seed = int(seed) + 1
+  variant.lock()
+  return variant
+
+
+def _sample_images(models: Models, name: str, config) -> np.ndarray:
+  x_T, labels, rng = models.fixed_noise(int(config.sample.num_images))
+  return np.clip(models.sample(name, x_T, labels, rng), -1.0, 1.0)
+
+
+def _score(models: Models, name: str, config, workdir: pathlib.Path, fp_images: np.ndarray, inception, reference,
+           fp_statistics: pathlib.Path | None = None) -> dict:
+  """The paired metrics against the FP model from the same noise (sample MSE, PSNR, teacher-forced eps MSE per
+  step, FD to FP once the FP evaluation exists), pixel FD for the built-in model, FID / sFID / IS.
+
+  `reference`: (statistics, what they are of), as run.evaluate.reference_statistics returns them."""
+  images = _sample_images(models, name, config)
+  result = {"sample_mse_vs_fp": float(np.mean((images - fp_images) ** 2))}
+  if name != "fp":
+    result["sample_psnr_vs_fp"] = paired.psnr(images, fp_images)
+    x_T, labels, rng = models.fixed_noise(int(config.sample.num_images))
+    forced = per_step_errors(models, (name,), x_T, labels, rng, int(config.sample.num_teacher_forced))
+    result["per_step"] = {"t": forced["t"], "gamma": forced["gamma"], **forced[name]}
+    result["eps_mse_vs_fp"] = float(np.mean(forced[name]["eps_mse"]))
+    result["x_prev_mse_vs_fp"] = float(np.mean(forced[name]["x_prev_mse"]))
+  if config.model.path == pipeline.BUILTIN_MODEL:
+    # A distribution-level score that needs no Inception network: the built-in model's held-out digits.
+    held_out, _ = digits.load_split("test")
+    result["pixel_fd"] = digits_score.pixel_frechet_distance(images, held_out)
+  if inception is not None:
+    statistics, reference_name = reference
+    labels = models.eval_labels(int(config.evaluation.num_samples), protocol_lib.eval_seed(config))
+    protocol = protocol_lib.eval_protocol(config, reference=reference_name, class_labels=labels is not None)
+    scores = evaluation.evaluate(models.sample_fn(name), int(config.evaluation.num_samples), workdir, name=name,
+                               batch_size=int(config.evaluation.batch_size), inception=inception,
+                               reference=statistics, pipeline=config.evaluation.fid_pipeline, protocol=protocol,
+                               labels=labels)
+    found = scores.get("metrics", {})
+    result.update({key: found[metric] for key, metric in (("fid", "fid"), ("sfid", "sfid"), ("is", "inception_score"))
+                   if found.get(metric) is not None})
+    if fp_statistics is not None:
+      distance = fd_to_fp(pathlib.Path(workdir) / "eval" / name / "statistics.npz", fp_statistics)
+      if distance is not None:
+        result["fd_to_fp"] = distance
+  return result
+
+
+def run_ablation(config, workdir) -> dict:
+  """Every (variant, seed) of config.ablation not finished yet, then the table."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  variants = [v for v in config.ablation.variants if not config.ablation.only or v[0] in config.ablation.only]
+  if config.ablation.only and len(variants) != len(config.ablation.only):
+    known = [v[0] for v in config.ablation.variants]
+    raise ValueError(f"config.ablation.only names unknown variants; known: {known}")
+  seeds = [int(s) for s in config.ablation.seeds]
+  path = stage_inputs.inception_path(config)
+  inception = reference = None
+  if path is not None and path.is_file():
+    inception = evaluation.load_inception(path)
+  else:
+    why = "config.evaluation.inception is empty" if path is None else f"the FID network file {path} is absent"
+    print(f"Ablation: {why}, so FID/sFID/IS are not reported, only sample MSE vs FP (and pixel FD for the "
+          "built-in model); fetch the network with `bash launch/fetch_fid_network.sh`.", flush=True)
+  writer = metrics.create_writer(workdir, jsonl_name=None)
+  report = metrics.progress(len(variants) * len(seeds), writer, every_secs=0, name="ablation")
+  done = 0
+  fp_cache: dict[int, np.ndarray] = {}
+  for seed in seeds:
+    base = variant_config(config, (), seed)
+    fp_dir = workdir / "fp" / f"seed_{seed}"
+    fp_dir.mkdir(parents=True, exist_ok=True)
+    # The FP model first: its samples and its evaluation's features serve every row of this seed.
+    fp_file = fp_dir / "samples.npz"
+    if not (fp_dir / RESULT_FILE).is_file() or not fp_file.is_file():
+      models = Models(base, fp_dir)
+      if reference is None and inception is not None:
+        reference = reference_statistics(base, workdir, inception)
+      if not fp_file.is_file():
+        np.savez(fp_file, images=_sample_images(models, "fp", base))
+      checkpoint.save_json(fp_dir / RESULT_FILE, _score(models, "fp", base, fp_dir, np.load(fp_file)["images"],
+                                                         inception, reference))
+    fp_cache[seed] = np.load(fp_file)["images"]
+    fp_statistics = fp_dir / "eval" / "fp" / "statistics.npz"
+    for name, scored, overrides in variants:
+      variant_dir = workdir / slug(name) / f"seed_{seed}"
+      if (variant_dir / RESULT_FILE).is_file():
+        done += 1
+        report.report(done)
+        continue
+      variant = variant_config(config, overrides, seed)
+      variant_dir.mkdir(parents=True, exist_ok=True)
+      start = time.time()
+      models = Models(variant, variant_dir)
+      if reference is None and inception is not None:
+        reference = reference_statistics(variant, workdir, inception)
+      calibration.load_or_calibrate(variant, variant_dir, bundle=models.bundle)
+      if scored == "finetuned":
+        finetune.finetune(variant, variant_dir)
+      result = _score(models, scored, variant, variant_dir, fp_cache[seed], inception, reference, fp_statistics)
+      result.update({"variant": name, "seed": seed, "scored": scored, "overrides": [list(o) for o in overrides],
+                     "seconds": time.time() - start})
+      checkpoint.save_json(variant_dir / RESULT_FILE, result)
+      logging.info("ablation %s seed %d: %s", name, seed, result)
+      done += 1
+      report.report(done)
+  table = summarize(config, workdir, variants, seeds)
+  return table
+
+
+def summarize(config, workdir: pathlib.Path, variants, seeds) -> dict:
+  rows = []
+  metric_names = ["fid", "sfid", "is", "fd_to_fp", "pixel_fd", "sample_mse_vs_fp", "sample_psnr_vs_fp",
+                  "eps_mse_vs_fp", "x_prev_mse_vs_fp"]
+  entries = [("FP (full precision)", workdir / "fp")] + [(name, workdir / slug(name)) for name, _, _ in variants]
+  for name, directory in entries:
+    per_seed = [checkpoint.load_json(directory / f"seed_{s}" / RESULT_FILE) for s in seeds
+                if (directory / f"seed_{s}" / RESULT_FILE).is_file()]
+    row = {"variant": name, "seeds": len(per_seed)}
+    for metric in metric_names:
+      values = [r[metric] for r in per_seed if metric in r]
+      if values:
+        row[metric] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1
+                       else 0.0, "values": values}
+    rows.append(row)
+  q = config.quant
+  header = (f"Ablation on {config.model.path} (W{q.weight_bits}A{q.act_bits} unless named), seeds {list(seeds)}, "
+            f"{config.finetune.num_steps} fine-tuning steps, {config.sampler.kind.upper()} {config.sampler.num_steps} "
+            + (f"steps, FID on {config.evaluation.num_samples} samples ({config.evaluation.fid_pipeline} pipeline)"
+               if any("fid" in row for row in rows) else "steps, no FID (FID network not configured)")
+            + f"; pixel FD (built-in model: vs the held-out digits) and sample MSE vs FP on {config.sample.num_images} "
+            "samples from the same noise; mean +- std over seeds.")
+  lines = [header, "", "| variant | FID | sFID | IS | FD to FP | pixel FD | sample MSE vs FP | PSNR vs FP (dB) | "
+           "eps MSE vs FP |", "|---|---|---|---|---|---|---|---|---|"]
+
+  def cell(row, metric):
+    if metric not in row:
+      return "n/a"
+    return f"{row[metric]['mean']:.4g} +- {row[metric]['std']:.2g}"
+  for row in rows:
+    lines.append(f"| {row['variant']} | {cell(row, 'fid')} | {cell(row, 'sfid')} | {cell(row, 'is')} | "
+                 f"{cell(row, 'fd_to_fp')} | {cell(row, 'pixel_fd')} | {cell(row, 'sample_mse_vs_fp')} | "
+                 f"{cell(row, 'sample_psnr_vs_fp')} | {cell(row, 'eps_mse_vs_fp')} |")
+  text = "\n".join(lines) + "\n"
+  (workdir / "ablation.md").write_text(text)
+  checkpoint.save_json(workdir / "ablation.json", {"header": header, "rows": rows})
+  print(text, flush=True)
+  return {"header": header, "rows": rows}
