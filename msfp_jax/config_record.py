@@ -6,6 +6,8 @@ Three jobs refuse to go on from results of another config, each naming the field
   * fine-tuning (msfp_jax.train.finetune): the config saved with each of its checkpoints,
   * FP training (msfp_jax.train_fp): the same, for its own checkpoints.
 
+The ablation (msfp_jax.run.ablation) instead recomputes a row whose recorded config differs (ABLATION_ROW).
+
 They record `json_config(config)`, compare with `differences` and differ only in what a rerun may change
 (`Changeable`, one per job below, side by side). The module imports nothing of msfp_jax, so that msfp_jax.train
 and msfp_jax.run can both use it (train knows nothing of run).
@@ -67,6 +69,14 @@ FINETUNE_CHECKPOINT = Changeable(
 # own inputs (msfp_jax.stage_inputs) and are computed again when those change, so their fields may change here.
 MAIN_JOB_WORKDIR = Changeable(fields=FINETUNE_CHECKPOINT.fields,
                               prefixes=(*FINETUNE_CHECKPOINT.prefixes, "sample.", "ablation."))
+
+# One row of the ablation table (msfp_jax.run.ablation), kept while it was computed from the same variant config:
+# fine-tuning's bookkeeping, and how the work is spread over devices. Every other field, evaluation's included,
+# shapes the row's numbers.
+ABLATION_ROW = Changeable(
+    fields=("finetune.checkpoint_every", "finetune.log_every", "finetune.max_checkpoints",
+            "finetune.divergence_factor"),
+    prefixes=("distributed.", "mesh."))
 
 # FP training, resumed from its checkpoint: the step budget, bookkeeping and the time limit; where its data lives
 # (the data's hash is checked when it loads); where the model is exported and how the final samples are drawn;

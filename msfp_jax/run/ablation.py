@@ -2,20 +2,26 @@
 
 Each (variant, seed) runs in WORKDIR/<variant slug>/seed_<s> (calibrate, fine-tune when the variant is scored
 after fine-tuning, then score) and leaves result.json there; a rerun of the same command skips finished pairs,
-and an interrupted fine-tune resumes from its last checkpoint. The table (mean and spread over seeds) is written
-to WORKDIR/ablation.md and WORKDIR/ablation.json.
+an interrupted fine-tune resumes from its last checkpoint and an interrupted evaluation from its last round.
+The FP model is scored once per seed (WORKDIR/fp/seed_<s>): its samples and Inception features serve every row.
+
+Every result records its inputs (the variant's config and the hashes of the FP model, the FID network and the
+reference statistics). A result whose inputs differ from the current ones is never reported: the rerun moves
+its folder aside to seed_<s>.stale and computes it again. The table (mean and spread over seeds) is written to
+WORKDIR/ablation.md and WORKDIR/ablation.json.
 """
 from __future__ import annotations
 
 import copy
 import pathlib
 import re
+import shutil
 import time
 
 import numpy as np
 from absl import logging
 
-from msfp_jax import checkpoint, evaluation, metrics, stage_inputs
+from msfp_jax import checkpoint, config_record, evaluation, metrics, stage_inputs
 from msfp_jax.data import digits
 from msfp_jax.evaluation import digits_score, paired
 from msfp_jax.run import protocol as protocol_lib
@@ -25,6 +31,10 @@ from msfp_jax.run.sample import per_step_errors
 from msfp_jax.train import calibration, finetune, pipeline
 
 RESULT_FILE = "result.json"
+# (metric, column title) of the table, in order; a column no row has is left out.
+TABLE_COLUMNS = (("fid", "FID"), ("sfid", "sFID"), ("is", "IS"), ("fd_to_fp", "FD to FP"), ("pixel_fd", "pixel FD"),
+                 ("sample_mse_vs_fp", "sample MSE vs FP"), ("sample_psnr_vs_fp", "PSNR vs FP (dB)"),
+                 ("eps_mse_vs_fp", "eps MSE vs FP"))
 
 
 def slug(name: str) -> str:
@@ -48,6 +58,57 @@ def variant_config(config, overrides, seed: int):
   variant.calibration.seed = int(seed) + 1
   variant.lock()
   return variant
+
+
+def fp_row_inputs(base, fp_dir: pathlib.Path) -> dict:
+  """What the FP row of a seed is computed from: the sampling, evaluation and sample-grid fields, and the hashes
+  of the FP model, the FID network and the reference statistics."""
+  return stage_inputs.normalized({**stage_inputs.eval_inputs(base, fp_dir, "fp"),
+                                  **stage_inputs.config_fields(base, stage_inputs.SAMPLE_FIELDS)})
+
+
+# What a row scored after calibration (PTQ) does not read.
+PTQ_UNREAD_PREFIXES = ("finetune.", "lora.")
+
+
+def row_inputs(variant, variant_dir: pathlib.Path, scored: str) -> dict:
+  """What a variant row is computed from: the FP row's inputs and every field of the variant's config that shapes
+  its numbers (config_record.ABLATION_ROW; the FID network and reference files by their contents; a PTQ row's
+  without the fine-tuning fields)."""
+  fields = config_record.kept_fields(config_record.json_config(variant), config_record.ABLATION_ROW)
+  fields = {k: v for k, v in fields.items() if k not in stage_inputs.EVAL_PATH_FIELDS
+            and not (scored == "ptq" and k.startswith(PTQ_UNREAD_PREFIXES))}
+  return stage_inputs.normalized({**fp_row_inputs(variant, variant_dir), **fields})
+
+
+def current_result(directory: pathlib.Path, inputs: dict) -> dict | None:
+  """The stored result in `directory` when it was computed from `inputs`; None when there is none or it is
+  stale (then the folder is moved aside to <name>.stale, replacing an older one, so that nothing in it is
+  reused)."""
+  path = directory / RESULT_FILE
+  if not path.is_file():
+    return None
+  result = checkpoint.load_json(path)
+  changed = stage_inputs.changes(result.get(stage_inputs.INPUTS_KEY), inputs)
+  if not changed:
+    return result
+  stale = directory.with_name(directory.name + ".stale")
+  print(f"Ablation: {directory} was computed from other inputs ({'; '.join(changed)}); moving it to {stale} and "
+        "computing it again.", flush=True)
+  if stale.exists():
+    shutil.rmtree(stale)
+  directory.rename(stale)
+  directory.mkdir(parents=True)
+  return None
+
+
+def _stored_if_current(directory: pathlib.Path, inputs: dict) -> dict | None:
+  """The stored result when it is current (read only: the table reports nothing stale)."""
+  path = directory / RESULT_FILE
+  if not path.is_file():
+    return None
+  result = checkpoint.load_json(path)
+  return None if stage_inputs.changes(result.get(stage_inputs.INPUTS_KEY), inputs) else result
 
 
 def _sample_images(models: Models, name: str, config) -> np.ndarray:
@@ -119,23 +180,25 @@ def run_ablation(config, workdir) -> dict:
     fp_dir.mkdir(parents=True, exist_ok=True)
     # The FP model first: its samples and its evaluation's features serve every row of this seed.
     fp_file = fp_dir / "samples.npz"
-    if not (fp_dir / RESULT_FILE).is_file() or not fp_file.is_file():
+    fp_inputs = fp_row_inputs(base, fp_dir)
+    if current_result(fp_dir, fp_inputs) is None or not fp_file.is_file():
       models = Models(base, fp_dir)
       if reference is None and inception is not None:
         reference = reference_statistics(base, workdir, inception)
       if not fp_file.is_file():
         np.savez(fp_file, images=_sample_images(models, "fp", base))
-      checkpoint.save_json(fp_dir / RESULT_FILE, _score(models, "fp", base, fp_dir, np.load(fp_file)["images"],
-                                                         inception, reference))
+      result = _score(models, "fp", base, fp_dir, np.load(fp_file)["images"], inception, reference)
+      checkpoint.save_json(fp_dir / RESULT_FILE, {**result, stage_inputs.INPUTS_KEY: fp_inputs})
     fp_cache[seed] = np.load(fp_file)["images"]
     fp_statistics = fp_dir / "eval" / "fp" / "statistics.npz"
     for name, scored, overrides in variants:
       variant_dir = workdir / slug(name) / f"seed_{seed}"
-      if (variant_dir / RESULT_FILE).is_file():
+      variant = variant_config(config, overrides, seed)
+      inputs = row_inputs(variant, variant_dir, scored)
+      if current_result(variant_dir, inputs) is not None:
         done += 1
         report.report(done)
         continue
-      variant = variant_config(config, overrides, seed)
       variant_dir.mkdir(parents=True, exist_ok=True)
       start = time.time()
       models = Models(variant, variant_dir)
@@ -146,7 +209,7 @@ def run_ablation(config, workdir) -> dict:
         finetune.finetune(variant, variant_dir)
       result = _score(models, scored, variant, variant_dir, fp_cache[seed], inception, reference, fp_statistics)
       result.update({"variant": name, "seed": seed, "scored": scored, "overrides": [list(o) for o in overrides],
-                     "seconds": time.time() - start})
+                     "seconds": time.time() - start, stage_inputs.INPUTS_KEY: inputs})
       checkpoint.save_json(variant_dir / RESULT_FILE, result)
       logging.info("ablation %s seed %d: %s", name, seed, result)
       done += 1
@@ -157,12 +220,20 @@ def run_ablation(config, workdir) -> dict:
 
 def summarize(config, workdir: pathlib.Path, variants, seeds) -> dict:
   rows = []
-  metric_names = ["fid", "sfid", "is", "fd_to_fp", "pixel_fd", "sample_mse_vs_fp", "sample_psnr_vs_fp",
-                  "eps_mse_vs_fp", "x_prev_mse_vs_fp"]
-  entries = [("FP (full precision)", workdir / "fp")] + [(name, workdir / slug(name)) for name, _, _ in variants]
-  for name, directory in entries:
-    per_seed = [checkpoint.load_json(directory / f"seed_{s}" / RESULT_FILE) for s in seeds
-                if (directory / f"seed_{s}" / RESULT_FILE).is_file()]
+  metric_names = [metric for metric, _ in TABLE_COLUMNS] + ["x_prev_mse_vs_fp"]
+  entries = [("FP (full precision)", workdir / "fp", "fp", ())] + [
+      (name, workdir / slug(name), scored, overrides) for name, scored, overrides in variants]
+  for name, directory, scored, overrides in entries:
+    per_seed = []
+    for seed in seeds:
+      seed_dir = directory / f"seed_{seed}"
+      if scored == "fp":
+        inputs = fp_row_inputs(variant_config(config, (), seed), seed_dir)
+      else:
+        inputs = row_inputs(variant_config(config, overrides, seed), seed_dir, scored)
+      result = _stored_if_current(seed_dir, inputs)
+      if result is not None:
+        per_seed.append(result)
     row = {"variant": name, "seeds": len(per_seed)}
     for metric in metric_names:
       values = [r[metric] for r in per_seed if metric in r]
@@ -171,23 +242,28 @@ def summarize(config, workdir: pathlib.Path, variants, seeds) -> dict:
                        else 0.0, "values": values}
     rows.append(row)
   q = config.quant
+  has_fid = any("fid" in row for row in rows)
   header = (f"Ablation on {config.model.path} (W{q.weight_bits}A{q.act_bits} unless named), seeds {list(seeds)}, "
             f"{config.finetune.num_steps} fine-tuning steps, {config.sampler.kind.upper()} {config.sampler.num_steps} "
-            + (f"steps, FID on {config.evaluation.num_samples} samples ({config.evaluation.fid_pipeline} pipeline)"
-               if any("fid" in row for row in rows) else "steps, no FID (FID network not configured)")
-            + f"; pixel FD (built-in model: vs the held-out digits) and sample MSE vs FP on {config.sample.num_images} "
-            "samples from the same noise; mean +- std over seeds.")
-  lines = [header, "", "| variant | FID | sFID | IS | FD to FP | pixel FD | sample MSE vs FP | PSNR vs FP (dB) | "
-           "eps MSE vs FP |", "|---|---|---|---|---|---|---|---|---|"]
+            + (f"steps, FID on {config.evaluation.num_samples} samples per row ({config.evaluation.fid_pipeline} "
+               f"pipeline, against {config.evaluation.reference or 'the built-in model training digits'})"
+               if has_fid else "steps, no FID (FID network not configured)")
+            + ("; pixel FD against the held-out digits" if any("pixel_fd" in row for row in rows) else "")
+            + f"; sample MSE and PSNR vs FP on {config.sample.num_images} samples and teacher-forced eps MSE on "
+            f"{config.sample.num_teacher_forced} trajectories, from the FP model's noise; mean +- std (ddof 1) over "
+            "the seeds each row has.")
+  columns = [(metric, title) for metric, title in TABLE_COLUMNS if any(metric in row for row in rows)]
+  lines = [header, "", "| variant | seeds | " + " | ".join(title for _, title in columns) + " |",
+           "|---|---|" + "---|" * len(columns)]
 
   def cell(row, metric):
     if metric not in row:
       return "n/a"
+    if len(row[metric]["values"]) == 1:
+      return f"{row[metric]['mean']:.4g}"
     return f"{row[metric]['mean']:.4g} +- {row[metric]['std']:.2g}"
   for row in rows:
-    lines.append(f"| {row['variant']} | {cell(row, 'fid')} | {cell(row, 'sfid')} | {cell(row, 'is')} | "
-                 f"{cell(row, 'fd_to_fp')} | {cell(row, 'pixel_fd')} | {cell(row, 'sample_mse_vs_fp')} | "
-                 f"{cell(row, 'sample_psnr_vs_fp')} | {cell(row, 'eps_mse_vs_fp')} |")
+    lines.append(f"| {row['variant']} | {row['seeds']} | " + " | ".join(cell(row, m) for m, _ in columns) + " |")
   text = "\n".join(lines) + "\n"
   (workdir / "ablation.md").write_text(text)
   checkpoint.save_json(workdir / "ablation.json", {"header": header, "rows": rows})
