@@ -47,8 +47,11 @@ def _write_results(config, workdir, variants, values, seeds):
       else:
         inputs = ablation.row_inputs(ablation.variant_config(config, overrides, seed), d, scored)
       mse = values[directory][seed]
-      (d / ablation.RESULT_FILE).write_text(json.dumps(
-          {"sample_mse_vs_fp": mse, "pixel_fd": 10 * mse + 1, stage_inputs.INPUTS_KEY: inputs}))
+      result = {"sample_mse_vs_fp": mse, "pixel_fd": 10 * mse + 1, stage_inputs.INPUTS_KEY: inputs}
+      if scored != "fp":
+        result["per_step"] = {"t": [500, 0], "gamma": [-0.5, -0.1], "eps_mse": [mse, 2 * mse],
+                              "x_prev_mse": [0.25 * mse, 0.02 * mse]}
+      (d / ablation.RESULT_FILE).write_text(json.dumps(result))
 
 
 def test_summarize_reports_mean_and_sample_std_over_seeds(tmp_path):
@@ -68,6 +71,11 @@ def test_summarize_reports_mean_and_sample_std_over_seeds(tmp_path):
   assert "| variant | seeds | pixel FD | sample MSE vs FP |" in text
   assert "| A | 3 | 3.333 +- 1.5 | 0.2333 +- 0.15 |" in text
   assert json.loads((tmp_path / "ablation.json").read_text())["rows"][2]["seeds"] == 3
+  # The per-step curves: the mean over seeds at each step, and their plot.
+  np.testing.assert_allclose(rows["A"]["per_step"]["eps_mse"], [np.mean(values["a"]), 2 * np.mean(values["a"])])
+  np.testing.assert_allclose(rows["B"]["per_step"]["x_prev_mse"], [0.25 * np.mean(values["b"]),
+                                                                    0.02 * np.mean(values["b"])])
+  assert "per_step" not in rows["FP (full precision)"] and (tmp_path / ablation.PER_STEP_PLOT).is_file()
 
 
 def test_summarize_leaves_out_results_of_other_inputs_and_shows_one_seed_without_a_spread(tmp_path):
@@ -121,6 +129,7 @@ def test_a_rerun_skips_current_rows_and_recomputes_exactly_the_changed_ones(tmp_
   assert [row["seeds"] for row in table["rows"]] == [1, 1, 1]
   rows = {row["variant"]: row for row in table["rows"]}
   assert rows["signed PTQ"]["sample_mse_vs_fp"]["mean"] > 0 and rows["full"]["sample_mse_vs_fp"]["mean"] > 0
+  assert len(rows["full"]["per_step"]["t"]) == 4 and (workdir / ablation.PER_STEP_PLOT).is_file()
   first = _mtimes(workdir)
 
   ablation.run_ablation(_tiny_ablation(model_dir, **{"finetune.log_every": 2}), workdir)

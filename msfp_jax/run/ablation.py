@@ -31,6 +31,7 @@ from msfp_jax.run.sample import per_step_errors
 from msfp_jax.train import calibration, finetune, pipeline
 
 RESULT_FILE = "result.json"
+PER_STEP_PLOT = "per_step_eps_errors.png"  # every row's per-step error vs FP, mean over its seeds
 # (metric, column title) of the table, in order; a column no row has is left out.
 TABLE_COLUMNS = (("fid", "FID"), ("sfid", "sFID"), ("is", "IS"), ("fd_to_fp", "FD to FP"), ("pixel_fd", "pixel FD"),
                  ("sample_mse_vs_fp", "sample MSE vs FP"), ("sample_psnr_vs_fp", "PSNR vs FP (dB)"),
@@ -240,7 +241,16 @@ def summarize(config, workdir: pathlib.Path, variants, seeds) -> dict:
       if values:
         row[metric] = {"mean": float(np.mean(values)), "std": float(np.std(values, ddof=1)) if len(values) > 1
                        else 0.0, "values": values}
+    per_step = [r["per_step"] for r in per_seed if "per_step" in r]
+    if per_step and all(r["t"] == per_step[0]["t"] for r in per_step):
+      row["per_step"] = {"t": per_step[0]["t"], "gamma": per_step[0]["gamma"], **{
+          key: np.mean([r[key] for r in per_step], axis=0).tolist() for key in ("eps_mse", "x_prev_mse")}}
     rows.append(row)
+  curves = {row["variant"]: row["per_step"] for row in rows if "per_step" in row}
+  if curves:
+    first = next(iter(curves.values()))
+    paired.plot_per_step_errors({"t": first["t"], **curves}, workdir / PER_STEP_PLOT,
+                                title="teacher-forced error vs FP per sampler step, mean over seeds")
   q = config.quant
   has_fid = any("fid" in row for row in rows)
   header = (f"Ablation on {config.model.path} (W{q.weight_bits}A{q.act_bits} unless named), seeds {list(seeds)}, "
