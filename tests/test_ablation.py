@@ -147,3 +147,24 @@ def test_a_rerun_skips_current_rows_and_recomputes_exactly_the_changed_ones(tmp_
   fresh = json.loads((workdir / "full" / "seed_0" / ablation.RESULT_FILE).read_text())
   assert fresh[stage_inputs.INPUTS_KEY]["finetune.lr.lora"] == 3e-2
   assert fresh["sample_mse_vs_fp"] != stale["sample_mse_vs_fp"]
+
+
+def test_fd_to_fp_uses_the_seeds_fp_features_which_are_computed_again_when_missing(tmp_path, fid_torchscript_path):
+  model_dir = tiny_setup.write_tiny_model(tmp_path / "model")
+  workdir = tmp_path / "ablation"
+  config = _tiny_ablation(model_dir, **{"evaluation.inception": str(fid_torchscript_path),
+                                        "evaluation.reference": "builtin:cifar10-test"})
+  config.ablation.variants = config.ablation.variants[:1]
+  table = ablation.run_ablation(config, workdir)
+  rows = {row["variant"]: row for row in table["rows"]}
+  assert rows["signed PTQ"]["fd_to_fp"]["mean"] > 0 and rows["signed PTQ"]["fid"]["mean"] > 0
+  assert "fd_to_fp" not in rows["FP (full precision)"] and rows["FP (full precision)"]["fid"]["mean"] > 0
+  fp_result = workdir / "fp" / "seed_0" / ablation.RESULT_FILE
+  row_result = workdir / "signed_ptq" / "seed_0" / ablation.RESULT_FILE
+  before = (os.stat(fp_result).st_mtime_ns, os.stat(row_result).st_mtime_ns)
+  # As on a new machine with the committed result.json files only: the FP features are made again, the row kept.
+  (workdir / "fp" / "seed_0" / "eval" / "fp" / "statistics.npz").unlink()
+  table = ablation.run_ablation(config, workdir)
+  assert os.stat(fp_result).st_mtime_ns != before[0] and os.stat(row_result).st_mtime_ns == before[1]
+  assert (workdir / "fp" / "seed_0" / "eval" / "fp" / "statistics.npz").is_file()
+  assert {row["variant"]: row["seeds"] for row in table["rows"]} == {"FP (full precision)": 1, "signed PTQ": 1}

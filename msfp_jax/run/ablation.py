@@ -182,7 +182,11 @@ def run_ablation(config, workdir) -> dict:
     # The FP model first: its samples and its evaluation's features serve every row of this seed.
     fp_file = fp_dir / "samples.npz"
     fp_inputs = fp_row_inputs(base, fp_dir)
-    if current_result(fp_dir, fp_inputs) is None or not fp_file.is_file():
+    fp_statistics = fp_dir / "eval" / "fp" / "statistics.npz"
+    # The FP samples and features are computed again when missing (results copied to a new machine keep only
+    # result.json): every row of the seed is compared with them.
+    if (current_result(fp_dir, fp_inputs) is None or not fp_file.is_file()
+        or (inception is not None and not fp_statistics.is_file())):
       models = Models(base, fp_dir)
       if reference is None and inception is not None:
         reference = reference_statistics(base, workdir, inception)
@@ -191,7 +195,6 @@ def run_ablation(config, workdir) -> dict:
       result = _score(models, "fp", base, fp_dir, np.load(fp_file)["images"], inception, reference)
       checkpoint.save_json(fp_dir / RESULT_FILE, {**result, stage_inputs.INPUTS_KEY: fp_inputs})
     fp_cache[seed] = np.load(fp_file)["images"]
-    fp_statistics = fp_dir / "eval" / "fp" / "statistics.npz"
     for name, scored, overrides in variants:
       variant_dir = workdir / slug(name) / f"seed_{seed}"
       variant = variant_config(config, overrides, seed)
