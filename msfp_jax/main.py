@@ -8,7 +8,8 @@
 configs/default.py; the configs are in msfp_jax/configs/); every field can be overridden with --config.a.b=value.
 Each stage writes its results to the workdir and is skipped when they are there, so rerunning the same command
 resumes an interrupted job. A workdir that holds a run of another config is refused. A config with an `ablation`
-section (configs/ablation.py) runs the ablation table instead.
+section (configs/ablation.py) runs the ablation table instead; `--mode=report` prints the table of its rows finished
+so far.
 
 `--config=configs/NAME.py` is found in the package from any working directory (msfp_jax.cli), and the
 configs' default evaluation.inception `.cache/fid/...` relative to the repository, when the relative path does
@@ -36,7 +37,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for this run's results (resumable; created when "
                                "missing). A read-only one of a finished run prints its report.")
 _MODE = flags.DEFINE_enum("mode", "all", command.MODES, "One stage, the whole pipeline in order (all), or the "
-                          "ablation table (a config with an `ablation` section runs it under all too).")
+                          "ablation table (a config with an `ablation` section runs it under all too; report then "
+                          "prints the table of the rows finished so far).")
 
 
 def main(argv) -> None:

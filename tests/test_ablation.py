@@ -168,3 +168,22 @@ def test_fd_to_fp_uses_the_seeds_fp_features_which_are_computed_again_when_missi
   assert os.stat(fp_result).st_mtime_ns != before[0] and os.stat(row_result).st_mtime_ns == before[1]
   assert (workdir / "fp" / "seed_0" / "eval" / "fp" / "statistics.npz").is_file()
   assert {row["variant"]: row["seeds"] for row in table["rows"]} == {"FP (full precision)": 1, "signed PTQ": 1}
+
+
+def test_report_mode_prints_the_finished_rows_and_computes_nothing(tmp_path, capsys):
+  from msfp_jax import run as run_lib
+  config = ablation_config.get_config()
+  variants = [(name, scored, o) for name, scored, o in config.ablation.variants[:2]]
+  _write_results(config, tmp_path, variants, {"fp": [0.0], "int4_ptq_int_baseline": [0.2],
+                                               "signed_fp4_ptq": [0.05]}, seeds=[0])
+  config.unlock()
+  config.ablation.seeds = (0, 1)
+  config.ablation.only = tuple(name for name, _, _ in variants)
+  config.lock()
+  files_before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+  run_lib.run_job(config, tmp_path, "report")
+  out = capsys.readouterr().out
+  assert "| INT4 PTQ (INT baseline) | 1 | 3 | 0.2 |" in out and "| signed FP4 PTQ | 1 | 1.5 | 0.05 |" in out
+  # Only the table was written: no row was started for seed 1.
+  new = set(sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))) - set(files_before)
+  assert {str(p) for p in new} <= {"ablation.md", "ablation.json", "per_step_eps_errors.png", "run.lock"}

@@ -154,15 +154,26 @@ def _score(models: Models, name: str, config, workdir: pathlib.Path, fp_images: 
   return result
 
 
-def run_ablation(config, workdir) -> dict:
-  """Every (variant, seed) of config.ablation not finished yet, then the table."""
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
+def _selected(config) -> tuple[list, list[int]]:
+  """(the variants config.ablation.only selects, the seeds)."""
   variants = [v for v in config.ablation.variants if not config.ablation.only or v[0] in config.ablation.only]
   if config.ablation.only and len(variants) != len(config.ablation.only):
     known = [v[0] for v in config.ablation.variants]
     raise ValueError(f"config.ablation.only names unknown variants; known: {known}")
-  seeds = [int(s) for s in config.ablation.seeds]
+  return variants, [int(s) for s in config.ablation.seeds]
+
+
+def summarize_finished(config, workdir) -> dict:
+  """The table of the rows whose results are current, computing nothing (`--mode=report`)."""
+  variants, seeds = _selected(config)
+  return summarize(config, pathlib.Path(workdir), variants, seeds)
+
+
+def run_ablation(config, workdir) -> dict:
+  """Every (variant, seed) of config.ablation not finished yet, then the table."""
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  variants, seeds = _selected(config)
   path = stage_inputs.inception_path(config)
   inception = reference = None
   if path is not None and path.is_file():

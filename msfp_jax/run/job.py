@@ -93,15 +93,18 @@ def run_job(config, workdir, mode: str = "all") -> None:
   run (msfp_jax.run.lock: a second process on it fails at once, naming this one) and checked to hold no run of
   another config; the config is recorded before the first stage starts.
   """
-  if "ablation" in config and mode not in ("all", "ablation"):
+  if "ablation" in config and mode not in ("all", "ablation", "report"):
     raise app.UsageError("This config describes an ablation (it has an `ablation` section); run it with "
-                         "--mode=all.")
+                         "--mode=all, or print the table of its finished rows with --mode=report.")
   validate(config)
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   with lock.hold(workdir, enabled=workdir_lib.is_lead_process()):
     if "ablation" in config:
-      ablation.run_ablation(config, workdir)
+      if mode == "report":  # the table of the rows finished so far, computing nothing
+        ablation.summarize_finished(config, workdir)
+      else:
+        ablation.run_ablation(config, workdir)
       return
     workdir_lib.check_workdir_config(config, workdir)
     workdir_lib.record_workdir_config(config, workdir)
