@@ -4,7 +4,9 @@ FID at a few hundred samples is mostly noise (it moves by about 10 between seeds
 model's error against the FP model's own outputs from the same starting noise is not, because the noise
 cancels. Three such numbers, each a cheap function of arrays the callers already have:
 
-* `psnr`: of each sample against the FP sample from the same noise, averaged over samples;
+* `psnr`: of the samples against the FP samples from the same noise, from the MSE over all of them (a mean of
+  per-image PSNRs would be +inf as soon as one sample equals its FP sample, as saturated samples of an
+  under-trained model often do);
 * `per_step_eps_errors`: teacher forcing along FP trajectories, the error of the model's eps at each visited
   step, plain and weighted by gamma_t^2 (an eps error d moves the next sample by gamma_t d, so gamma_t^2 times
   the eps MSE is the MSE it adds to x_prev);
@@ -13,6 +15,7 @@ cancels. Three such numbers, each a cheap function of arrays the callers already
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 
@@ -22,16 +25,19 @@ import numpy as np
 from msfp_jax import plotting
 
 
+def psnr_from_mse(mse: float, *, peak_to_peak: float = 2.0) -> float:
+  """10 log10(peak_to_peak^2 / MSE); +inf for MSE 0."""
+  return math.inf if mse == 0 else float(10.0 * math.log10(peak_to_peak ** 2 / mse))
+
+
 def psnr(images, reference, *, peak_to_peak: float = 2.0) -> float:
-  """Mean over samples of 10 log10(peak_to_peak^2 / MSE) against `reference` (same shape; [-1, 1] images
-  have peak_to_peak 2). A sample equal to its reference counts as +inf, so the FP model's own is inf."""
+  """10 log10(peak_to_peak^2 / MSE) of a batch against `reference` (same shape; [-1, 1] images have
+  peak_to_peak 2), with the MSE over every pixel of every sample; +inf only for identical batches."""
   images = np.asarray(images, np.float64)
   reference = np.asarray(reference, np.float64)
   if images.shape != reference.shape or images.ndim < 2:
     raise ValueError(f"psnr needs two batches of the same shape, got {images.shape} and {reference.shape}.")
-  mse = np.mean((images - reference) ** 2, axis=tuple(range(1, images.ndim)))
-  with np.errstate(divide="ignore"):
-    return float(np.mean(10.0 * np.log10(peak_to_peak ** 2 / mse)))
+  return psnr_from_mse(float(np.mean((images - reference) ** 2)), peak_to_peak=peak_to_peak)
 
 
 def per_step_eps_errors(eps_fns: Mapping[str, Callable], reference_eps: Callable, xs, ts, gammas) -> dict:

@@ -126,7 +126,6 @@ def _score(models: Models, name: str, config, workdir: pathlib.Path, fp_images: 
   images = _sample_images(models, name, config)
   result = {"sample_mse_vs_fp": float(np.mean((images - fp_images) ** 2))}
   if name != "fp":
-    result["sample_psnr_vs_fp"] = paired.psnr(images, fp_images)
     x_T, labels, rng = models.fixed_noise(int(config.sample.num_images))
     forced = per_step_errors(models, (name,), x_T, labels, rng, int(config.sample.num_teacher_forced))
     result["per_step"] = {"t": forced["t"], "gamma": forced["gamma"], **forced[name]}
@@ -249,6 +248,11 @@ def summarize(config, workdir: pathlib.Path, variants, seeds) -> dict:
       result = _stored_if_current(seed_dir, inputs)
       if result is not None:
         per_seed.append(result)
+    for result in per_seed:
+      if "sample_mse_vs_fp" in result and scored != "fp":
+        # From the stored MSE (results of msfp_jax before 2026-12-04 hold a mean of per-image PSNRs, +inf as soon
+        # as one sample equals its FP sample).
+        result["sample_psnr_vs_fp"] = paired.psnr_from_mse(result["sample_mse_vs_fp"])
     row = {"variant": name, "seeds": len(per_seed)}
     for metric in metric_names:
       values = [r[metric] for r in per_seed if metric in r]

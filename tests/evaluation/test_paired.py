@@ -11,13 +11,17 @@ import pytest
 from msfp_jax.evaluation import paired
 
 
-def test_psnr_is_the_mean_of_per_image_psnrs_on_the_minus_one_to_one_range():
+def test_psnr_is_of_the_mse_over_all_samples_on_the_minus_one_to_one_range():
   rng = np.random.default_rng(0)
   reference = rng.uniform(-1, 1, size=(3, 4, 4, 3))
   noisy = reference + rng.normal(size=reference.shape) * np.array([0.01, 0.1, 0.3])[:, None, None, None]
-  want = np.mean([10 * math.log10(2.0 ** 2 / np.mean((a - b) ** 2)) for a, b in zip(noisy, reference)])
-  assert paired.psnr(noisy, reference) == pytest.approx(want, rel=1e-12)
+  mse = sum(float(np.sum((a - b) ** 2)) for a, b in zip(noisy.ravel(), reference.ravel())) / noisy.size
+  assert paired.psnr(noisy, reference) == pytest.approx(10 * math.log10(4.0 / mse), rel=1e-12)
   assert paired.psnr(reference, reference) == math.inf
+  # One sample equal to its reference (a saturated sample of both models) leaves the PSNR finite.
+  noisy[0] = reference[0]
+  assert math.isfinite(paired.psnr(noisy, reference))
+  assert paired.psnr_from_mse(0.04) == pytest.approx(20.0) and paired.psnr_from_mse(0.0) == math.inf
   with pytest.raises(ValueError, match="same shape"):
     paired.psnr(noisy[:2], reference)
 
