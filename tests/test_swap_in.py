@@ -34,3 +34,21 @@ def test_swap_in_blocks_cover_the_sampler_and_their_shares_add_up(tmp_path):
   assert (workdir / "diagnostics" / "swap_in_ptq.png").read_bytes()[:4] == b"\x89PNG"
   with pytest.raises(ValueError, match="ptq or finetuned"):
     swap_in.run(config, workdir, "fp")
+
+
+def test_swap_in_over_seeds_gives_the_mean_and_spread_of_each_seeds_own_run(tmp_path):
+  from msfp_jax.diagnostics import swap_in
+  from msfp_jax.train import calibration, pipeline
+  model_dir = tiny_setup.write_tiny_model(tmp_path / "model")
+  config = tiny_setup.tiny_config(model_dir)
+  workdir = tmp_path / "run"
+  calibration.load_or_calibrate(config, workdir, bundle=pipeline.load_model(config))
+  single = {seed: swap_in.run(config, workdir, "ptq", block=2, num_images=4, seeds=(seed,)) for seed in (0, 1, 2)}
+  costs = swap_in.run(config, workdir, "ptq", block=2, num_images=4, seeds=(0, 1, 2))
+  assert costs["seeds"] == [0, 1, 2]
+  for i, block in enumerate(costs["blocks"]):
+    shares = [single[s]["blocks"][i]["cost_share"] for s in (0, 1, 2)]
+    np.testing.assert_allclose(block["cost_share_per_seed"], shares, rtol=1e-6)
+    np.testing.assert_allclose(block["cost_share"], np.mean(shares), rtol=1e-6)
+    np.testing.assert_allclose(block["cost_share_std"], np.std(shares, ddof=1), rtol=1e-6)
+  assert len({round(single[s]["blocks"][0]["sample_mse"], 12) for s in (0, 1, 2)}) == 3  # other noise per seed

@@ -135,8 +135,10 @@ def plot_swap_in(costs: Mapping, path: str | os.PathLike, title: str = "") -> st
   bars = [("cost (sample MSE)", [b["cost_share"] for b in blocks])]
   bars += [(f"weight {w}", [b["weight_share"][w] for b in blocks]) for w in WEIGHTINGS]
   width = 0.8 / len(bars)
+  errors = [b.get("cost_share_std", 0.0) for b in blocks]  # the spread over seeds, when there are several
   for i, (label, values) in enumerate(bars):
-    ax.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, label=label)
+    ax.bar(x + (i - (len(bars) - 1) / 2) * width, values, width, label=label, yerr=errors if i == 0 else None,
+           capsize=2)
   ax.set_xticks(x, [f"t {b['t_max']}-{b['t_min']}" for b in blocks], fontsize=7)
   ax.set_ylabel("share")
   ax.legend(fontsize=7)

@@ -96,10 +96,10 @@ class Models:
         raise ValueError(f"Unknown model {name!r}; expected one of {MODELS}.")
     return self._cache[name]
 
-  def fixed_noise(self, num_images: int):
+  def fixed_noise(self, num_images: int, seed: int | None = None):
     """(x_T, labels, rng): the starting noise (and class labels) that the sample and export stages and the
-    ablation give every model, and the sampler's key; a function of config.seed alone."""
-    seed = int(self.config.seed)
+    ablation give every model, and the sampler's key; a function of the seed alone (default config.seed)."""
+    seed = int(self.config.seed if seed is None else seed)
     x_T, labels = pipeline.noise_batch(seed, pipeline.NoisePurpose.SAMPLE, 0, int(num_images),
                                        self.bundle.sample_shape, self.bundle.num_classes)
     return x_T, labels, jax.random.key(seed)
