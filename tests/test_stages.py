@@ -162,6 +162,7 @@ def test_packed_export_reproduces_the_finetuned_samples(run):
   # On codes with folded biases: only float summation order differs (the zero points are on the grid and the
   # test config does not train them), samples in [-1, 1].
   assert summary["max_abs_diff_code_domain_vs_fake_quant_samples"] < 1e-3
+  assert summary["noise_nudge"] == 1e-6 and np.isfinite(summary["max_abs_diff_fake_quant_nudged_noise_samples"])
   assert summary["num_banks"] == NUM_BANKS and summary["bytes_one_bank"] < summary["fp_checkpoint_bytes"]
   path = workdir / "export" / "model_packed.npz"
   loaded = packed.load_packed(path)

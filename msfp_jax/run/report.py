@@ -148,7 +148,11 @@ def report_markdown(report: dict) -> str:
               f"{e['max_abs_diff_packed_vs_fake_quant_samples']:.3g}"
               + (f", and run on codes (zero points folded into the biases, padded with the code of 0) by at most "
                  f"{e['max_abs_diff_code_domain_vs_fake_quant_samples']:.3g}"
-                 if "max_abs_diff_code_domain_vs_fake_quant_samples" in e else "") + ".", ""]
+                 if "max_abs_diff_code_domain_vs_fake_quant_samples" in e else "")
+              + (f" (float summation order; the fake-quantized model's own samples move by at most "
+                 f"{e['max_abs_diff_fake_quant_nudged_noise_samples']:.3g} when its starting noise moves by "
+                 f"{e['noise_nudge']:g}: a 4-bit activation that crosses a rounding boundary jumps a grid step)"
+                 if "max_abs_diff_fake_quant_nudged_noise_samples" in e else "") + ".", ""]
   if report.get("stale"):
     lines += ["Left out, computed from other inputs than this run's (rerun with --mode=all, or the stage's --mode, "
               "to compute them again): " + "; ".join(f"{what} ({', '.join(changed)})"
