@@ -52,3 +52,18 @@ def test_swap_in_over_seeds_gives_the_mean_and_spread_of_each_seeds_own_run(tmp_
     np.testing.assert_allclose(block["cost_share"], np.mean(shares), rtol=1e-6)
     np.testing.assert_allclose(block["cost_share_std"], np.std(shares, ddof=1), rtol=1e-6)
   assert len({round(single[s]["blocks"][0]["sample_mse"], 12) for s in (0, 1, 2)}) == 3  # other noise per seed
+
+
+def test_swap_in_measures_the_samples_as_they_are_scored_clipped_to_the_image_range(tmp_path, monkeypatch):
+  from msfp_jax import diffusion
+  from msfp_jax.diagnostics import swap_in
+  from msfp_jax.train import calibration, pipeline
+  model_dir = tiny_setup.write_tiny_model(tmp_path / "model")
+  config = tiny_setup.tiny_config(model_dir)
+  workdir = tmp_path / "run"
+  calibration.load_or_calibrate(config, workdir, bundle=pipeline.load_model(config))
+  sample = diffusion.sample
+  # Every sampler output blown far outside [-1, 1]: clipped, no pixel can differ by more than 2.
+  monkeypatch.setattr(diffusion, "sample", lambda *a, **k: 1e3 * sample(*a, **k))
+  costs = swap_in.run(config, workdir, "ptq", block=2, num_images=4)
+  assert 0 < costs["all_steps_mse"] <= 4.0 and all(b["sample_mse"] <= 4.0 for b in costs["blocks"])

@@ -3,11 +3,11 @@
   python -m msfp_jax.diagnostics.swap_in --config=configs/cifar10_builtin.py --workdir=runs/cifar10 \
       [--model=ptq|finetuned] [--block=10] [--num_images=64] [--seeds=0,1,2]
 
-For each seed, samples from that seed's fixed noise with the FP model, then again with the quantized model of
-WORKDIR (its calibration, or its fine-tuned checkpoint) swapped in for one block of steps at a time
-(evaluation.paired.swap_in_costs). Writes WORKDIR/diagnostics/swap_in_<model>.json and .png: each block's share
-of the sample error (mean +- std over the seeds, and per seed) beside the share of the loss weight |gamma_t|,
-gamma_t^2 and plain MSE put on it. The audit's method for DFA's weights.
+For each seed, samples (decoded and clipped to [-1, 1], as they are scored) from that seed's fixed noise with the
+FP model, then again with the quantized model of WORKDIR (its calibration, or its fine-tuned checkpoint) swapped
+in for one block of steps at a time (evaluation.paired.swap_in_costs). Writes WORKDIR/diagnostics/swap_in_<model>
+.json and .png: each block's share of the sample error (mean +- std over the seeds, and per seed) beside the share
+of the loss weight |gamma_t|, gamma_t^2 and plain MSE put on it. The audit's method for DFA's weights.
 """
 from __future__ import annotations
 
@@ -20,6 +20,12 @@ from ml_collections import config_flags
 from msfp_jax import checkpoint, cli, diffusion
 from msfp_jax.evaluation import paired
 from msfp_jax.run.models import Models, sampler_eps
+
+
+def _images(models: Models, eps_fn, x_T, rng) -> np.ndarray:
+  """The samples as they are scored (decoded, clipped to [-1, 1]): an unclipped sample of an under-trained model
+  can lie far outside the image range, where the error means nothing."""
+  return np.clip(models.decode(diffusion.sample(eps_fn, x_T, models.schedule, models.sampler_config, rng)), -1, 1)
 
 
 def _over_seeds(per_seed: list[dict]) -> dict:
@@ -54,7 +60,7 @@ def run(config, workdir, model: str = "ptq", block: int = 10, num_images: int = 
     x_T, labels, rng = models.fixed_noise(num_images, seed)
     eps = {name: sampler_eps(models.apply_fn(name), models.bundle, labels) for name in ("fp", model)}
     per_seed.append(paired.swap_in_costs(
-        lambda eps_fn, x_T=x_T, rng=rng: diffusion.sample(eps_fn, x_T, models.schedule, models.sampler_config, rng),
+        lambda eps_fn, x_T=x_T, rng=rng: _images(models, eps_fn, x_T, rng),
         eps["fp"], eps[model], ts, gammas, block))
   costs = _over_seeds(per_seed)
   costs.update(model=model, block=block, num_images=num_images, sampler=config.sampler.kind,
