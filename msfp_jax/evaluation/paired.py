@@ -70,7 +70,11 @@ def plot_per_step_errors(errors: Mapping, path: str | os.PathLike, title: str = 
   """PNG of per_step_eps_errors: eps MSE and gamma_t^2-weighted MSE over t, one line per model."""
   plt = plotting.pyplot()
   names = [k for k, v in errors.items() if isinstance(v, Mapping)]  # the models (other keys: t, gamma, ...)
-  fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+  many = len(names) > 4  # an ablation's rows: one legend beside the plots instead of one over each
+  if many:
+    fig, (*axes, legend_axis) = plt.subplots(1, 3, figsize=(15, 4.2), gridspec_kw={"width_ratios": [1, 1, 0.55]})
+  else:
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
   for ax, key, label in ((axes[0], "eps_mse", "eps MSE vs FP (teacher-forced)"),
                          (axes[1], "x_prev_mse", "gamma_t^2 x eps MSE (error added to x_prev)")):
     for name in names:
@@ -79,7 +83,11 @@ def plot_per_step_errors(errors: Mapping, path: str | os.PathLike, title: str = 
     ax.set_yscale("log")
     ax.set_title(label, fontsize=9)
     ax.invert_xaxis()  # sampling runs from large t to small t
-    ax.legend(fontsize=8)
+    if not many:
+      ax.legend(fontsize=8)
+  if many:
+    legend_axis.axis("off")
+    legend_axis.legend(*axes[0].get_legend_handles_labels(), loc="center left", fontsize=8)
   if title:
     fig.suptitle(title, fontsize=9)
   return plotting.save_figure(fig, path)
